@@ -1,0 +1,14 @@
+"""adamax_jax: the Adamax optimizer for JAX, as optax gradient transformations."""
+
+from adamax_jax._alias import adamax, adamaxw, nadamax
+from adamax_jax._transform import AdamaxState, scale_by_adamax
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "AdamaxState",
+    "adamax",
+    "adamaxw",
+    "nadamax",
+    "scale_by_adamax",
+]

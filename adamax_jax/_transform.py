@@ -1,0 +1,259 @@
+"""The Adamax gradient transformation: one core that every constructor builds on."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adamax_jax import _storage, _validation
+
+EpsPlacement = Literal["denominator", "max"]
+EPS_PLACEMENTS: tuple[str, ...] = ("denominator", "max")
+_INT32_MAX = jnp.iinfo(jnp.int32).max
+
+
+class AdamaxState(NamedTuple):
+    """State of :func:`scale_by_adamax`.
+
+    Attributes:
+      count: Number of updates applied so far, an ``int32`` scalar that saturates
+        at the int32 maximum instead of wrapping.
+      m: Exponential moving average of the gradients, a tree like the parameters.
+      u: Exponentially weighted infinity norm of the gradients, a tree like the
+        parameters (real-valued, and never negative).
+    """
+
+    count: jax.Array
+    m: optax.Updates
+    u: optax.Updates
+
+
+def safe_increment(count: jax.Array) -> jax.Array:
+    """``count + 1``, saturating at the int32 maximum so a long run never wraps."""
+    return jnp.where(count < _INT32_MAX, count + 1, count)
+
+
+def scale_by_adamax(
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    *,
+    eps_placement: EpsPlacement = "denominator",
+    bias_correction: bool = True,
+    m_dtype: Any = None,
+    u_dtype: Any = None,
+    nesterov: bool = False,
+    lazy_rows: bool = False,
+) -> optax.GradientTransformation:
+    r"""Rescales updates by Adamax: a bias-corrected mean over an infinity norm.
+
+    For gradients :math:`g_t` at step :math:`t = 1, 2, \dots`, with
+    :math:`m_0 = u_0 = 0`:
+
+    .. math::
+
+        m_t &= \beta_1 m_{t-1} + (1 - \beta_1) g_t \\
+        u_t &= \max(\beta_2 u_{t-1}, |g_t|) \\
+        \hat m_t &= m_t / (1 - \beta_1^t) \\
+        \text{update}_t &= \hat m_t / (u_t + \epsilon)
+
+    This is Algorithm 2 of Kingma & Ba (2015) with the :math:`\epsilon` of the
+    common textbook form in the denominator (``eps_placement="denominator"``).
+    ``eps_placement="max"`` instead takes :math:`u_t = \max(\beta_2 u_{t-1},
+    |g_t| + \epsilon)` and divides by :math:`u_t`, as ``optax.scale_by_adamax`` and
+    ``torch.optim.Adamax`` do; there :math:`\epsilon` acts as a floor that never
+    decays. Only the first moment is bias-corrected; ``bias_correction=False``
+    drops :math:`1/(1-\beta_1^t)` (MLX's convention).
+
+    With ``nesterov=True`` the numerator looks one step ahead, as in NAdam:
+    :math:`\hat m_t = \beta_1 m_t / (1 - \beta_1^{t+1}) + (1 - \beta_1) g_t /
+    (1 - \beta_1^t)`.
+
+    The returned update is the *direction*: chain with
+    :func:`optax.scale_by_learning_rate` (as :func:`adamax_jax.adamax` does) to get
+    a step. Because :math:`u_t \ge |g_t|` and :math:`u_t` decays more slowly than
+    :math:`m_t` when :math:`\beta_1 < \beta_2`, every element of the update is at
+    most about 1 in magnitude (1 at :math:`t=1`, at most 1.009 for the default
+    betas): Adamax's step is bounded by the learning rate.
+
+    Numerics: the step is computed in at least float32 whatever the storage dtype,
+    so float16 parameters with a zero gradient get a zero step rather than 0/0. An
+    element whose denominator is exactly zero (``eps=0`` and no gradient so far)
+    gets a zero update. The state keeps the dtypes and shapes ``init`` gave it, so
+    it can flow through ``lax.cond``, ``optax.apply_if_finite`` and
+    ``optax.MultiSteps``.
+
+    Args:
+      b1: Decay rate of the first moment, in ``[0, 1)``.
+      b2: Decay rate of the infinity norm, in ``[0, 1]``.
+      eps: Non-negative constant that keeps the division finite; where it goes is
+        set by ``eps_placement``.
+      eps_placement: ``"denominator"`` (the paper's textbook form, Keras, MLX) or
+        ``"max"`` (optax, PyTorch).
+      bias_correction: Whether to divide the first moment by :math:`1-\beta_1^t`.
+      m_dtype: Dtype to store ``m`` in; ``None`` keeps each parameter's dtype.
+      u_dtype: Dtype to store ``u`` in; ``None`` keeps each parameter's (real) dtype.
+      nesterov: Use the Nesterov (NAdam-style) numerator; see :func:`nadamax`.
+      lazy_rows: Leave rows whose gradient is entirely zero untouched: their ``m``
+        and ``u`` keep their values and their update is zero. A row is a slice
+        along axis 0 (an element, for a 1-D leaf). This is TensorFlow's sparse
+        (embedding) semantics: a token absent from a batch does not decay its
+        moments or move. Use it for embedding tables trained on sparse lookups;
+        leave it off for dense layers, where a zero gradient row is information.
+
+    Returns:
+      An :class:`optax.GradientTransformation` whose state is :class:`AdamaxState`.
+
+    Raises:
+      ValueError: At construction, for a concrete hyperparameter out of range or
+        an unknown ``eps_placement``; at update, for gradients whose tree or shapes
+        do not match the state.
+      TypeError: At ``init``/``update``, for integer or boolean leaves, and for a
+        non-floating ``m_dtype``/``u_dtype``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import adamax_jax as ax
+      >>> tx = optax.chain(ax.scale_by_adamax(), optax.scale(-0.002))
+      >>> params = jnp.array([1.0])
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update(jnp.array([0.1]), state)
+      >>> optax.apply_updates(params, updates)
+      Array([0.998], dtype=float32)
+
+    References:
+      Kingma & Ba, `Adam: A Method for Stochastic Optimization
+      <https://arxiv.org/abs/1412.6980>`_, ICLR 2015 (Algorithm 2, section 7.1).
+
+      Dozat, `Incorporating Nesterov Momentum into Adam
+      <https://openreview.net/pdf?id=OM0jvwB8jIp57ZJjtNEZ>`_, ICLR workshop 2016.
+    """
+    _validation.check_range("b1", b1, low=0.0, high=1.0, high_inclusive=False)
+    _validation.check_range("b2", b2, low=0.0, high=1.0)
+    _validation.check_range("eps", eps, low=0.0, high=float("inf"), high_inclusive=False)
+    _validation.check_choice("eps_placement", eps_placement, EPS_PLACEMENTS)
+    m_dtype = _validation.check_dtype_option("m_dtype", m_dtype)
+    u_dtype = _validation.check_dtype_option("u_dtype", u_dtype)
+    eps_in_max = eps_placement == "max"
+
+    def init_fn(params: optax.Params) -> AdamaxState:
+        _validation.check_float_leaves(params, "parameter")
+
+        def m_zeros(p: Any) -> Any:
+            dtype = jnp.dtype(p.dtype) if m_dtype is None else m_dtype
+            if jnp.issubdtype(p.dtype, jnp.complexfloating) and not jnp.issubdtype(
+                dtype, jnp.complexfloating
+            ):
+                dtype = jnp.result_type(dtype, jnp.complex64)
+            return _storage.zeros(p, dtype, "m")
+
+        def u_zeros(p: Any) -> Any:
+            dtype = _storage.real_dtype(p.dtype) if u_dtype is None else u_dtype
+            return _storage.zeros(p, dtype, "u")
+
+        # Param-shaped state only through tree.map over params, so that
+        # optax.tree_utils.tree_map_params can locate it.
+        return AdamaxState(
+            count=jnp.zeros([], jnp.int32),
+            m=jax.tree.map(m_zeros, params),
+            u=jax.tree.map(u_zeros, params),
+        )
+
+    def update_fn(
+        updates: optax.Updates, state: AdamaxState, params: optax.Params | None = None
+    ) -> tuple[optax.Updates, AdamaxState]:
+        del params
+        _validation.check_float_leaves(updates, "gradient")
+        treedef = jax.tree.structure(updates)
+        paths_and_grads = jax.tree_util.tree_leaves_with_path(updates)
+        m_leaves = _validation.flatten_like(updates, state.m, "state.m")
+        u_leaves = _validation.flatten_like(updates, state.u, "state.u")
+        count = safe_increment(state.count)
+
+        new_updates, new_m, new_u = [], [], []
+        for i, ((path, g), m_s, u_s) in enumerate(
+            zip(paths_and_grads, m_leaves, u_leaves, strict=True)
+        ):
+            if tuple(g.shape) != tuple(m_s.shape) or tuple(g.shape) != tuple(u_s.shape):
+                raise ValueError(
+                    f"adamax_jax: gradient {_validation.path_str(path)} has shape "
+                    f"{tuple(g.shape)} but its moments have shapes {tuple(m_s.shape)} (m) "
+                    f"and {tuple(u_s.shape)} (u)"
+                )
+            upd, m_new, u_new = _leaf_update(
+                g, m_s, u_s, count, b1, b2, eps, eps_in_max, bias_correction, nesterov, lazy_rows
+            )
+            new_updates.append(upd)
+            new_m.append(_storage.write(m_new, m_s, "m", step=count, leaf=i))
+            new_u.append(_storage.write(u_new, u_s, "u", step=count, leaf=i))
+
+        return treedef.unflatten(new_updates), AdamaxState(
+            count=count, m=treedef.unflatten(new_m), u=treedef.unflatten(new_u)
+        )
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _leaf_update(
+    g: jax.Array,
+    m_stored: Any,
+    u_stored: Any,
+    count: jax.Array,
+    b1: jax.typing.ArrayLike,
+    b2: jax.typing.ArrayLike,
+    eps: jax.typing.ArrayLike,
+    eps_in_max: bool,
+    bias_correction: bool,
+    nesterov: bool,
+    lazy_rows: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One leaf's step, in the compute dtype. Returns (update, m, u) unstored."""
+    cdt = _storage.compute_dtype(g.dtype, m_stored.dtype)
+    rdt = _storage.real_dtype(cdt)
+    # Cast hyperparameters so a float64 or traced float32 value never changes the
+    # leaf's compute dtype.
+    b1 = jnp.asarray(b1).astype(rdt)
+    b2 = jnp.asarray(b2).astype(rdt)
+    eps = jnp.asarray(eps).astype(rdt)
+
+    gc = g.astype(cdt)
+    m_prev = _storage.read(m_stored, cdt)
+    u_prev = _storage.read(u_stored, rdt)
+
+    m = b1 * m_prev + (1 - b1) * gc
+    abs_g = jnp.abs(gc)
+    if eps_in_max:
+        u = jnp.maximum(b2 * u_prev, abs_g + eps)
+        denom = u
+    else:
+        u = jnp.maximum(b2 * u_prev, abs_g)
+        denom = u + eps
+
+    if nesterov:
+        t = count.astype(rdt)
+        if bias_correction:
+            num = b1 * m / (1 - b1 ** (t + 1)) + (1 - b1) * gc / (1 - b1**t)
+        else:
+            num = b1 * m + (1 - b1) * gc
+    elif bias_correction:
+        num = m / (1 - b1 ** count.astype(rdt))
+    else:
+        num = m
+
+    # u + eps == 0 only where eps == 0 and no gradient has been seen: no step there
+    # (the paper's 0/0), instead of NaN.
+    positive = denom > 0
+    upd = jnp.where(positive, num / jnp.where(positive, denom, 1), 0)
+
+    if lazy_rows:
+        touched = gc != 0 if gc.ndim <= 1 else jnp.any(gc != 0, axis=tuple(range(1, gc.ndim)))
+        touched = touched.reshape(touched.shape + (1,) * (gc.ndim - touched.ndim))
+        m = jnp.where(touched, m, m_prev)
+        u = jnp.where(touched, u, u_prev)
+        upd = jnp.where(touched, upd, 0)
+
+    return upd.astype(g.dtype), m, u
