@@ -1,5 +1,6 @@
 """adamax_jax: the Adamax optimizer for JAX, as optax gradient transformations."""
 
+from adamax_jax import compat
 from adamax_jax._alias import adamax, adamaxw, nadamax
 from adamax_jax._transform import AdamaxState, scale_by_adamax
 
@@ -9,6 +10,7 @@ __all__ = [
     "AdamaxState",
     "adamax",
     "adamaxw",
+    "compat",
     "nadamax",
     "scale_by_adamax",
 ]
