@@ -1,6 +1,6 @@
 """adamax_jax: the Adamax optimizer for JAX, as optax gradient transformations."""
 
-from adamax_jax import compat
+from adamax_jax import compat, sharding
 from adamax_jax._alias import adamax, adamaxw, nadamax
 from adamax_jax._transform import AdamaxState, scale_by_adamax
 
@@ -13,4 +13,5 @@ __all__ = [
     "compat",
     "nadamax",
     "scale_by_adamax",
+    "sharding",
 ]
