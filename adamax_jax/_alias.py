@@ -29,6 +29,8 @@ def adamax(
     u_dtype: Any = None,
     nesterov: bool = False,
     lazy_rows: bool = False,
+    state_bits: int | None = None,
+    block_size: int = 256,
 ) -> optax.GradientTransformation:
     r"""The Adamax optimizer (Kingma & Ba 2015, Algorithm 2).
 
@@ -47,7 +49,8 @@ def adamax(
       learning_rate: A fixed step size or an optax schedule of the step count.
         Negative values are allowed and turn descent into ascent, as in optax.
       b1, b2, eps, eps_placement, bias_correction, m_dtype, u_dtype, nesterov,
-        lazy_rows: See :func:`adamax_jax.scale_by_adamax`.
+        lazy_rows, state_bits, block_size: See :func:`adamax_jax.scale_by_adamax`
+        (``state_bits=8`` stores the moments in about 2 bytes per parameter).
 
     Returns:
       An :class:`optax.GradientTransformation`: ``scale_by_adamax`` chained with
@@ -66,6 +69,14 @@ def adamax(
       >>> bool(jnp.allclose(x, 3.0, atol=0.1))
       True
 
+      With ``state_bits=8`` the moments of large leaves take 2 bytes per parameter
+      (small leaves, such as biases, stay in float32):
+
+      >>> opt = ax.adamax(1e-3, state_bits=8)
+      >>> state = opt.init({"w": jnp.zeros((256, 256)), "b": jnp.zeros(256)})
+      >>> state[0].u["w"].codes.dtype, state[0].u["w"].scales.shape, state[0].u["b"].dtype
+      (dtype('uint8'), (256,), dtype('float32'))
+
     References:
       Kingma & Ba, `Adam: A Method for Stochastic Optimization
       <https://arxiv.org/abs/1412.6980>`_, ICLR 2015.
@@ -82,6 +93,8 @@ def adamax(
             u_dtype=u_dtype,
             nesterov=nesterov,
             lazy_rows=lazy_rows,
+            state_bits=state_bits,
+            block_size=block_size,
         ),
         optax.scale_by_learning_rate(learning_rate),
     )
@@ -101,6 +114,8 @@ def adamaxw(
     u_dtype: Any = None,
     nesterov: bool = False,
     lazy_rows: bool = False,
+    state_bits: int | None = None,
+    block_size: int = 256,
 ) -> optax.GradientTransformation:
     r"""Adamax with decoupled weight decay (the AdamW recipe applied to Adamax).
 
@@ -123,8 +138,8 @@ def adamaxw(
       mask: A tree of booleans like the parameters (or a prefix of it), or a
         function of the parameters returning one; ``True`` where decay applies.
         Biases and normalisation scales are commonly excluded.
-      eps_placement, bias_correction, m_dtype, u_dtype, nesterov, lazy_rows: See
-        :func:`adamax_jax.scale_by_adamax`.
+      eps_placement, bias_correction, m_dtype, u_dtype, nesterov, lazy_rows,
+        state_bits, block_size: See :func:`adamax_jax.scale_by_adamax`.
 
     Returns:
       An :class:`optax.GradientTransformation`. Its ``update`` needs ``params``.
@@ -156,6 +171,8 @@ def adamaxw(
             u_dtype=u_dtype,
             nesterov=nesterov,
             lazy_rows=lazy_rows,
+            state_bits=state_bits,
+            block_size=block_size,
         ),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),

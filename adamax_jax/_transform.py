@@ -47,6 +47,8 @@ def scale_by_adamax(
     u_dtype: Any = None,
     nesterov: bool = False,
     lazy_rows: bool = False,
+    state_bits: int | None = None,
+    block_size: int = 256,
 ) -> optax.GradientTransformation:
     r"""Rescales updates by Adamax: a bias-corrected mean over an infinity norm.
 
@@ -86,6 +88,17 @@ def scale_by_adamax(
     it can flow through ``lax.cond``, ``optax.apply_if_finite`` and
     ``optax.MultiSteps``.
 
+    State memory: float32 moments take 8 bytes per parameter, bfloat16 moments
+    (``m_dtype=u_dtype=jnp.bfloat16``) 4, and ``state_bits=8`` about 2 (2.016 with
+    ``block_size=256``). Narrow float moments round with a deterministic dither
+    keyed by the step, so a bfloat16 ``u`` still decays by ``b2`` (round-to-nearest
+    would leave it stuck). With ``state_bits=8``, real leaves of at least 4096
+    elements store ``u`` as an 8-bit minifloat, rounded up, with one float32 scale
+    per block that carries the decay, and ``m`` as an 8-bit code of ``m / u``, so
+    the step stays bounded; smaller and complex leaves keep the plain form. Pass
+    ``state_bits`` and ``block_size`` in ``static_args`` of
+    ``optax.inject_hyperparams``, and dtypes as strings (``m_dtype="bfloat16"``).
+
     Args:
       b1: Decay rate of the first moment, in ``[0, 1)``.
       b2: Decay rate of the infinity norm, in ``[0, 1]``.
@@ -103,16 +116,24 @@ def scale_by_adamax(
         (embedding) semantics: a token absent from a batch does not decay its
         moments or move. Use it for embedding tables trained on sparse lookups;
         leave it off for dense layers, where a zero gradient row is information.
+      state_bits: ``None`` for floating-point moments, or ``8`` for blockwise 8-bit
+        moments (about 2 bytes per parameter instead of 8). ``m_dtype`` and
+        ``u_dtype`` then apply only to the leaves that are not quantized.
+      block_size: Elements per block of the 8-bit ``u`` (one float32 scale each), a
+        power of two; used only with ``state_bits=8``.
 
     Returns:
       An :class:`optax.GradientTransformation` whose state is :class:`AdamaxState`.
 
     Raises:
-      ValueError: At construction, for a concrete hyperparameter out of range or
-        an unknown ``eps_placement``; at update, for gradients whose tree or shapes
-        do not match the state.
+      ValueError: At construction, for a concrete hyperparameter out of range, an
+        unknown ``eps_placement``, ``state_bits`` other than None or 8, or a
+        ``block_size`` that is not a positive power of two; at update, for
+        gradients whose tree or shapes do not match the state.
       TypeError: At ``init``/``update``, for integer or boolean leaves, and for a
-        non-floating ``m_dtype``/``u_dtype``.
+        non-floating ``m_dtype``/``u_dtype``; at construction, for a
+        ``state_bits``/``block_size`` that is not a Python int (as
+        ``optax.inject_hyperparams`` makes them unless they are static).
 
     Example:
       >>> import jax.numpy as jnp
@@ -138,6 +159,7 @@ def scale_by_adamax(
     _validation.check_choice("eps_placement", eps_placement, EPS_PLACEMENTS)
     m_dtype = _validation.check_dtype_option("m_dtype", m_dtype)
     u_dtype = _validation.check_dtype_option("u_dtype", u_dtype)
+    _storage.check_state_options(state_bits, block_size)
     eps_in_max = eps_placement == "max"
 
     def init_fn(params: optax.Params) -> AdamaxState:
@@ -149,11 +171,11 @@ def scale_by_adamax(
                 dtype, jnp.complexfloating
             ):
                 dtype = jnp.result_type(dtype, jnp.complex64)
-            return _storage.zeros(p, dtype, "m")
+            return _storage.zeros(p, dtype, "m", state_bits=state_bits, block_size=block_size)
 
         def u_zeros(p: Any) -> Any:
             dtype = _storage.real_dtype(p.dtype) if u_dtype is None else u_dtype
-            return _storage.zeros(p, dtype, "u")
+            return _storage.zeros(p, dtype, "u", state_bits=state_bits, block_size=block_size)
 
         # Param-shaped state only through tree.map over params, so that
         # optax.tree_utils.tree_map_params can locate it.
@@ -185,11 +207,11 @@ def scale_by_adamax(
                     f"and {tuple(u_s.shape)} (u)"
                 )
             upd, m_new, u_new = _leaf_update(
-                g, m_s, u_s, count, b1, b2, eps, eps_in_max, bias_correction, nesterov, lazy_rows
+                g, m_s, u_s, count, i, b1, b2, eps, eps_in_max, bias_correction, nesterov, lazy_rows
             )
             new_updates.append(upd)
-            new_m.append(_storage.write(m_new, m_s, "m", step=count, leaf=i))
-            new_u.append(_storage.write(u_new, u_s, "u", step=count, leaf=i))
+            new_m.append(m_new)
+            new_u.append(u_new)
 
         return treedef.unflatten(new_updates), AdamaxState(
             count=count, m=treedef.unflatten(new_m), u=treedef.unflatten(new_u)
@@ -203,6 +225,7 @@ def _leaf_update(
     m_stored: Any,
     u_stored: Any,
     count: jax.Array,
+    leaf: int,
     b1: jax.typing.ArrayLike,
     b2: jax.typing.ArrayLike,
     eps: jax.typing.ArrayLike,
@@ -210,8 +233,8 @@ def _leaf_update(
     bias_correction: bool,
     nesterov: bool,
     lazy_rows: bool,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One leaf's step, in the compute dtype. Returns (update, m, u) unstored."""
+) -> tuple[jax.Array, Any, Any]:
+    """One leaf's step, in the compute dtype. Returns the update and the stored m, u."""
     cdt = _storage.compute_dtype(g.dtype, m_stored.dtype)
     rdt = _storage.real_dtype(cdt)
     # Cast hyperparameters so a float64 or traced float32 value never changes the
@@ -221,17 +244,13 @@ def _leaf_update(
     eps = jnp.asarray(eps).astype(rdt)
 
     gc = g.astype(cdt)
-    m_prev = _storage.read(m_stored, cdt)
-    u_prev = _storage.read(u_stored, rdt)
+    m_prev, u_prev = _storage.read_moments(m_stored, u_stored, cdt, rdt)
 
     m = b1 * m_prev + (1 - b1) * gc
     abs_g = jnp.abs(gc)
-    if eps_in_max:
-        u = jnp.maximum(b2 * u_prev, abs_g + eps)
-        denom = u
-    else:
-        u = jnp.maximum(b2 * u_prev, abs_g)
-        denom = u + eps
+    floor = eps if eps_in_max else jnp.zeros_like(eps)
+    u = jnp.maximum(b2 * u_prev, abs_g + floor)
+    denom = u if eps_in_max else u + eps
 
     if nesterov:
         t = count.astype(rdt)
@@ -249,6 +268,7 @@ def _leaf_update(
     positive = denom > 0
     upd = jnp.where(positive, num / jnp.where(positive, denom, 1), 0)
 
+    touched = None
     if lazy_rows:
         touched = gc != 0 if gc.ndim <= 1 else jnp.any(gc != 0, axis=tuple(range(1, gc.ndim)))
         touched = touched.reshape(touched.shape + (1,) * (gc.ndim - touched.ndim))
@@ -256,4 +276,17 @@ def _leaf_update(
         u = jnp.where(touched, u, u_prev)
         upd = jnp.where(touched, upd, 0)
 
-    return upd.astype(g.dtype), m, u
+    m_new, u_new = _storage.write_moments(
+        m,
+        u,
+        m_stored,
+        u_stored,
+        step=count,
+        leaf=leaf,
+        b1=b1,
+        b2=b2,
+        touched=touched,
+        grad=gc,
+        floor=floor,
+    )
+    return upd.astype(g.dtype), m_new, u_new

@@ -1,0 +1,481 @@
+"""8-bit blockwise state (``state_bits=8``): memory, accuracy, bounded step, plumbing.
+
+References are independent of the code under test: float32-state Adamax from the
+same library (itself checked against a NumPy float64 transcription elsewhere), a
+NumPy decoder of the documented code format written here, and properties that
+follow from the recurrences (u only decays by b2 or jumps to |g|; |m| <= R_t u).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import adamax_jax as ax
+from adamax_jax import _quantize
+
+B1, B2 = 0.9, 0.999
+BLOCK = 256
+
+
+# --- an independent decoder of the documented format ----------------------------------
+
+
+def decode_u(codes: np.ndarray, scales: np.ndarray, block: int = BLOCK) -> np.ndarray:
+    """e4m4: 2**(e-15) * (1 + f/16) for e >= 1, 2**-14 * f/16 for e == 0; times the scale."""
+    c = np.asarray(codes, np.int64).ravel()
+    e, f = c >> 4, c & 15
+    rel = np.where(e == 0, 2.0**-14 * f / 16, 2.0 ** (e - 15.0) * (1 + f / 16))
+    s = np.repeat(np.asarray(scales, np.float64), block)[: c.size]
+    return (rel * s).reshape(np.shape(codes))
+
+
+def decode_state(state: ax.AdamaxState) -> tuple[np.ndarray, np.ndarray]:
+    """(m, u) of a single quantized leaf, in float64."""
+    u = decode_u(state.u.codes, state.u.scales, state.u.block_size)
+    m = np.asarray(state.m.codes, np.float64) * float(state.m.scale) / 127 * u
+    return m, u
+
+
+def ratio_bound(t: int) -> float:
+    """R_t = (1 - b1) sum_{j<t} (b1/b2)^j: |m_t| <= R_t u_t for exact moments."""
+    r = B1 / B2
+    return (1 - B1) * (1 - r**t) / (1 - r)
+
+
+# --- the code --------------------------------------------------------------------------
+
+
+def test_u_code_rounds_up_to_the_smallest_code_at_or_above():
+    rng = np.random.default_rng(0)
+    x = np.concatenate(
+        [10.0 ** rng.uniform(-7, np.log10(1.9375), 20000), [0.0, 2.0**-14, 1.0, 1.9375]]
+    ).astype(np.float32)
+    codes, values = _quantize.encode_e4m4_up(jnp.asarray(x))
+    got = decode_u(np.asarray(codes), np.ones(1), block=x.size)
+    assert np.array_equal(got, np.asarray(values, np.float64))
+    table = decode_u(np.arange(256), np.ones(1), block=256)
+    assert np.all(np.diff(table) > 0)
+    xs = x.astype(np.float64)
+    assert np.all(got >= xs * (1 - 2.0**-18))  # never below (up to the float32 slack)
+    below = table[np.maximum(np.asarray(codes, np.int64) - 1, 0)]
+    assert np.all((below < xs) | (np.asarray(codes) == 0))  # and the smallest such code
+    normal = xs >= 2.0**-14
+    assert np.all(got[normal] <= xs[normal] * (1 + 2.0**-4))  # 4 fraction bits
+
+
+def test_decayed_codes_reencode_to_themselves():
+    """decode -> times b2 -> encode against a scale times b2 gives the same code: no creep."""
+    codes = jnp.arange(256, dtype=jnp.uint8)
+    scale = jnp.float32(3.7)
+    u = _quantize.decode_e4m4(codes) * scale * jnp.float32(B2)
+    again, _ = _quantize.encode_e4m4_up(u * (1 / (scale * jnp.float32(B2))))
+    assert np.array_equal(np.asarray(again), np.asarray(codes))
+
+
+# --- memory ----------------------------------------------------------------------------
+
+
+def _state_bytes_per_param(tx: optax.GradientTransformation, n: int) -> float:
+    state = jax.eval_shape(tx.init, jax.ShapeDtypeStruct((n,), jnp.float32))
+    leaves = jax.tree.leaves((state.m, state.u))
+    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in leaves) / n
+
+
+def test_state_memory_per_parameter():
+    n = 2**20
+    assert _state_bytes_per_param(ax.scale_by_adamax(), n) == 8
+    bf16 = ax.scale_by_adamax(m_dtype="bfloat16", u_dtype="bfloat16")
+    assert _state_bytes_per_param(bf16, n) == 4
+    eight = _state_bytes_per_param(ax.scale_by_adamax(state_bits=8), n)
+    assert eight <= 2.1, eight
+    assert eight == 2 + 4 / BLOCK + 4 / n
+
+
+def test_small_and_complex_leaves_keep_float_state():
+    params = {
+        "small": jnp.zeros(4095),
+        "complex": jnp.zeros(8192, jnp.complex64),
+        "big": jnp.zeros((64, 65)),
+    }
+    state = ax.scale_by_adamax(state_bits=8).init(params)
+    assert state.m["small"].dtype == jnp.float32 and state.u["small"].dtype == jnp.float32
+    assert state.m["complex"].dtype == jnp.complex64 and state.u["complex"].dtype == jnp.float32
+    assert isinstance(state.m["big"], _quantize.QuantizedM)
+    assert isinstance(state.u["big"], _quantize.QuantizedU)
+    assert state.u["big"].scales.shape == (math.ceil(64 * 65 / BLOCK),)
+
+
+# --- u: decays exactly, is never below its value, and jumps only with the gradient ------
+
+
+def test_quiet_steps_decay_u_exactly_like_b2_power():
+    n, steps = 8192, 1000
+    u0 = jnp.asarray(10.0 ** np.random.default_rng(1).uniform(-4, 1, n), jnp.float32)
+    tx = ax.scale_by_adamax(B1, B2, state_bits=8)
+
+    @jax.jit
+    def run(u0):
+        first = tx.update(u0, tx.init(jnp.zeros(n)))[1]
+        quiet = jax.lax.fori_loop(0, steps, lambda _, s: tx.update(jnp.zeros(n), s)[1], first)
+        return first, quiet
+
+    first, quiet = run(u0)
+    assert np.array_equal(np.asarray(first.u.codes), np.asarray(quiet.u.codes))
+    _, u_first = decode_state(first)
+    _, u_quiet = decode_state(quiet)
+    # Only the float32 scale moved: b2**1000 times, with float32 rounding each time.
+    np.testing.assert_allclose(u_quiet, u_first * B2**steps, rtol=1e-4)
+    assert np.all(u_first >= np.asarray(u0, np.float64) * (1 - 1e-5))
+
+
+def test_u_follows_its_recurrence_and_never_falls_below_it():
+    """Each step: u_t >= max(b2 u_{t-1}, |g_t|), and equals b2 u_{t-1} where g did not raise it."""
+    n, steps = 64 * BLOCK, 60
+    rng = np.random.default_rng(2)
+    scale = 10.0 ** rng.uniform(-3, 0, n)
+    grads = (rng.standard_cauchy((steps, n)) * scale).astype(np.float32)
+    grads[:, rng.random(n) < 0.3] *= 0.01  # quieter elements, whose u mostly decays
+    tx = ax.scale_by_adamax(B1, B2, state_bits=8)
+
+    @jax.jit
+    def run(grads):
+        def step(s, g):
+            s = tx.update(g, s)[1]
+            return s, s
+
+        return jax.lax.scan(step, tx.init(jnp.zeros(n)), grads)[1]
+
+    states = run(jnp.asarray(grads))
+    u_prev, s_prev = np.zeros(n), np.zeros(n // BLOCK)
+    checked = 0
+    for t in range(steps):
+        st = jax.tree.map(lambda x, t=t: x[t], states)
+        m, u = decode_state(st)
+        want = np.maximum(B2 * u_prev, np.abs(grads[t].astype(np.float64)))
+        assert np.all(u >= want * (1 - 1e-5)), t
+        assert np.all(np.abs(m) <= ratio_bound(t + 1) * u * (1 + 1e-5)), t
+        # Where the gradient did not raise u and the block kept its decayed scale,
+        # the code is unchanged: u is exactly b2 times its previous value.
+        scales = np.asarray(st.u.scales, np.float64)
+        kept_scale = np.repeat(np.isclose(scales, B2 * s_prev, rtol=1e-6), BLOCK)
+        quiet = (np.abs(grads[t]) < 0.5 * B2 * u_prev) & kept_scale
+        np.testing.assert_allclose(u[quiet], B2 * u_prev[quiet], rtol=1e-5)
+        checked += int(quiet.sum())
+        u_prev, s_prev = u, scales
+    assert checked > 0.1 * steps * n
+
+
+# --- accuracy against float32 state ------------------------------------------------------
+
+N_MIX, T_MIX = 64 * BLOCK, 1000
+KINDS = ("constant sign", "biased noise", "zero-mean noise", "one spike")
+
+
+def _mixture():
+    """Elements of four kinds; magnitudes spread over five decades across the leaf.
+
+    Each block of 256 (a row, in a real layer) has its own scale, log-uniform over
+    1e-5..1, and its elements a further spread of one decade.
+    """
+    rng = np.random.default_rng(0)
+    kind = rng.integers(0, 4, N_MIX)
+    scale = np.repeat(10.0 ** rng.uniform(-5, 0, N_MIX // BLOCK), BLOCK)
+    scale *= 10.0 ** rng.uniform(-1, 0, N_MIX)
+    scale[kind == 3] *= 1e-2  # the spike is 100x the element's usual gradient
+    mu = rng.uniform(-1, 1, N_MIX)
+    spike_at = rng.integers(1, 300, N_MIX)
+    sign = rng.choice([-1.0, 1.0], N_MIX)
+    ints = tuple(jnp.asarray(a, jnp.int32) for a in (kind, spike_at))
+    floats = tuple(jnp.asarray(a, jnp.float32) for a in (scale, mu, sign))
+    return kind, (ints[0], floats[0], floats[1], ints[1], floats[2])
+
+
+def _mixture_grad(t, data):
+    kind, scale, mu, spike_at, sign = data
+    xi = jax.random.normal(jax.random.fold_in(jax.random.key(1), t), scale.shape)
+    g = jnp.select(
+        [kind == 0, kind == 1, kind == 2],
+        [sign * (1 + 0.05 * xi), mu + 0.5 * xi, xi],
+        jnp.where(t == spike_at, 100.0 * sign, 0.3 * xi),
+    )
+    return g * scale
+
+
+@jax.jit
+def _mixture_directions(data):
+    def run(tx):
+        def step(state, t):
+            d, state = tx.update(_mixture_grad(t, data), state)
+            return state, d
+
+        return jax.lax.scan(step, tx.init(jnp.zeros(N_MIX)), jnp.arange(1, T_MIX + 1))[1]
+
+    return run(ax.scale_by_adamax(B1, B2)), run(ax.scale_by_adamax(B1, B2, state_bits=8))
+
+
+@pytest.fixture(scope="module")
+def mixture_errors():
+    kind, data = _mixture()
+    ref, got = (np.asarray(x, np.float64) for x in _mixture_directions(data))
+    return kind, np.abs(got - ref), got
+
+
+@pytest.mark.parametrize("t", [10, 300, 1000])
+def test_8bit_directions_track_float32(mixture_errors, t):
+    """|update_8bit - update_f32| / lr at the 99th percentile.
+
+    Noise and one-spike elements meet the issue's 0.02. Elements with a gradient of
+    constant sign have |m| ~ u (a direction of ~1), and u's 8-bit code rounds up by
+    up to one code step, 2**-4 relative: that is their error floor (their step is
+    shortened, never lengthened), so the whole mix is held to 2**-4.
+    """
+    kind, err, _ = mixture_errors
+    e = err[t - 1]
+    noisy_or_spiky = (kind == 2) | (kind == 3)
+    assert np.percentile(e[noisy_or_spiky], 99) <= 0.02
+    assert np.percentile(e, 99) <= 2.0**-4
+
+
+def test_8bit_directions_stay_bounded_on_the_mixture(mixture_errors):
+    _, _, got = mixture_errors
+    assert np.abs(got).max() <= 1.01
+
+
+def test_step_stays_bounded_on_heavy_tailed_gradients():
+    n, steps = 64 * BLOCK, 300
+    scale = jnp.asarray(10.0 ** np.random.default_rng(3).uniform(-6, 2, n), jnp.float32)
+    tx = ax.scale_by_adamax(B1, B2, state_bits=8)
+
+    @jax.jit
+    def run(scale):
+        def step(state, t):
+            g = jax.random.cauchy(jax.random.fold_in(jax.random.key(4), t), (n,)) * scale
+            d, state = tx.update(g, state)
+            return state, jnp.max(jnp.abs(d))
+
+        return jax.lax.scan(step, tx.init(jnp.zeros(n)), jnp.arange(steps))[1]
+
+    assert float(run(scale).max()) <= 1.05
+
+
+def _digits_mlp_losses() -> dict[tuple[float, str], float]:
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = jnp.asarray(x / 16.0, jnp.float32)
+    labels = jax.nn.one_hot(y, 10)
+    sizes = [(64, 256), (256, 256), (256, 10)]
+    keys = jax.random.split(jax.random.key(0), len(sizes))
+    params0 = [
+        {"w": jax.random.normal(k, s) * jnp.sqrt(2.0 / s[0]), "b": jnp.zeros(s[1])}
+        for k, s in zip(keys, sizes, strict=True)
+    ]
+
+    def loss(params):
+        h = x
+        for i, layer in enumerate(params):
+            h = h @ layer["w"] + layer["b"]
+            h = jax.nn.relu(h) if i < len(params) - 1 else h
+        return optax.softmax_cross_entropy(h, labels).mean()
+
+    def train(tx):
+        def step(carry, _):
+            params, state = carry
+            grads = jax.grad(loss)(params)
+            updates, state = tx.update(grads, state, params)
+            return (optax.apply_updates(params, updates), state), None
+
+        params, _ = jax.lax.scan(step, (params0, tx.init(params0)), None, length=300)[0]
+        return loss(params)
+
+    @jax.jit
+    def both(lr):
+        return train(ax.adamax(lr)), train(ax.adamax(lr, state_bits=8))
+
+    out = {}
+    for lr in (2e-4, 2e-3):
+        f32, q8 = both(jnp.float32(lr))
+        out[(lr, "f32")], out[(lr, "8bit")] = float(f32), float(q8)
+    return out
+
+
+def test_mlp_on_digits_ends_within_5_percent_of_float32_state():
+    losses = _digits_mlp_losses()
+    for lr in (2e-4, 2e-3):
+        f32, q8 = losses[(lr, "f32")], losses[(lr, "8bit")]
+        assert abs(q8 - f32) <= 0.05 * f32, (lr, f32, q8)
+
+
+# --- determinism and plumbing -------------------------------------------------------------
+
+
+def _params():
+    return {"w": jnp.ones((64, 128)), "b": jnp.zeros(128)}
+
+
+def _grads(seed=0):
+    return jax.tree.map(lambda p: jax.random.normal(jax.random.key(seed), p.shape), _params())
+
+
+def _assert_trees_equal(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(la, lb, strict=True):
+        assert np.array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_resumed_run_is_bit_identical():
+    tx = ax.adamax(1e-2, state_bits=8)
+    grads = jax.random.normal(jax.random.key(5), (30, 64, 128))
+
+    @jax.jit
+    def run(state, gs):
+        return jax.lax.scan(lambda s, g: (tx.update({"w": g}, s)[1], None), state, gs)[0]
+
+    state0 = tx.init({"w": jnp.zeros((64, 128))})
+    _assert_trees_equal(run(state0, grads), run(run(state0, grads[:11]), grads[11:]))
+
+
+def test_state_structure_is_stable_through_update_and_lax_cond():
+    tx = ax.adamaxw(1e-2, state_bits=8)
+    params = _params()
+    state = tx.init(params)
+    new = jax.eval_shape(lambda s: tx.update(_grads(), s, params)[1], state)
+    assert jax.tree.structure(new) == jax.tree.structure(state)
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), new) == jax.tree.map(
+        lambda x: (x.shape, x.dtype), state
+    )
+    guarded = optax.apply_if_finite(ax.adamax(1e-2, state_bits=8), max_consecutive_errors=3)
+    gstate = guarded.init(params)
+    bad = jax.tree.map(lambda g: g * jnp.nan, _grads())
+    updates, gstate2 = jax.jit(guarded.update)(bad, gstate, params)
+    assert int(gstate2.notfinite_count) == 1
+    assert all(not np.any(np.asarray(u)) for u in jax.tree.leaves(updates))
+    _assert_trees_equal(gstate2.inner_state, gstate.inner_state)
+    multi = optax.MultiSteps(ax.nadamax(1e-2, state_bits=8), every_k_schedule=2)
+    mstate = multi.init(params)
+    for seed in range(2):
+        _, mstate = jax.jit(multi.update)(_grads(seed), mstate, params)
+
+
+def test_vmap_pmap_and_sharding_match_the_plain_step():
+    tx = ax.adamax(1e-2, state_bits=8)
+    params, grads = _params(), _grads()
+    want_updates, want_state = jax.jit(tx.update)(grads, tx.init(params), params)
+
+    stack = lambda t, n: jax.tree.map(lambda x: jnp.stack([x] * n), t)
+    bu, bs = jax.jit(jax.vmap(tx.update))(stack(grads, 2), jax.vmap(tx.init)(stack(params, 2)))
+    _assert_trees_equal(jax.tree.map(lambda x: x[1], bs), want_state)
+
+    n = jax.device_count()
+    pu, ps = jax.pmap(tx.update)(stack(grads, n), jax.pmap(tx.init)(stack(params, n)))
+    _assert_trees_equal(jax.tree.map(lambda x: x[-1], ps), want_state)
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("d",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
+    sp = jax.device_put(params, sharding)
+    sstate = jax.jit(tx.init)(sp)
+    su, sstate = jax.jit(tx.update)(jax.device_put(grads, sharding), sstate, sp)
+    _assert_trees_equal(sstate, want_state)
+    assert sstate[0].u["w"].codes.sharding.is_equivalent_to(sharding, 2)
+    np.testing.assert_allclose(su["w"], want_updates["w"], rtol=1e-6)
+    del bu, pu
+
+
+def test_orbax_checkpoint_round_trip():
+    ocp = pytest.importorskip("orbax.checkpoint")
+    tx = ax.adamax(1e-2, state_bits=8)
+    params = _params()
+    update = jax.jit(tx.update)
+    state = update(_grads(), tx.init(params), params)[1]
+    with tempfile.TemporaryDirectory() as d:
+        ckpt = ocp.StandardCheckpointer()
+        ckpt.save(os.path.join(d, "state"), state)
+        ckpt.wait_until_finished()
+        restored = ckpt.restore(os.path.join(d, "state"), jax.eval_shape(lambda: state))
+    _assert_trees_equal(restored, state)
+    _assert_trees_equal(update(_grads(1), restored, params), update(_grads(1), state, params))
+
+
+def test_lazy_rows_keep_untouched_blocks_exactly():
+    tx = ax.scale_by_adamax(B1, B2, lazy_rows=True, state_bits=8)
+    params = jnp.zeros((64, 256))  # a row is one block
+    update = jax.jit(tx.update)
+    state = update(_grads()["w"].repeat(2, axis=1), tx.init(params))[1]
+    g = jnp.ones((64, 256)).at[::2].set(0.0)  # even rows untouched
+    direction, new = update(g, state)
+    assert not np.any(np.asarray(direction)[::2])
+    assert np.array_equal(np.asarray(state.u.codes)[::2], np.asarray(new.u.codes)[::2])
+    assert np.array_equal(np.asarray(state.u.scales)[::2], np.asarray(new.u.scales)[::2])
+    # m keeps its value; its code may move by half a step when R_t grows (early steps).
+    (m_old, u_old), (m_new, _) = decode_state(state), decode_state(new)
+    half_code = 0.5 * float(new.m.scale) / 127 * u_old[::2]
+    assert np.all(np.abs(m_new[::2] - m_old[::2]) <= half_code * (1 + 1e-5))
+
+
+@pytest.mark.parametrize("shape", [(4099,), (65, 67), (3, 40, 50)])
+def test_leaves_that_do_not_fill_their_last_block(shape):
+    n = math.prod(shape)
+    g = jax.random.normal(jax.random.key(7), shape)
+    tx8, tx32 = ax.scale_by_adamax(state_bits=8), ax.scale_by_adamax()
+    s8, s32 = tx8.init(jnp.zeros(shape)), tx32.init(jnp.zeros(shape))
+    up8, up32 = jax.jit(tx8.update), jax.jit(tx32.update)
+    for _ in range(3):
+        d8, s8 = up8(g, s8)
+        d32, s32 = up32(g, s32)
+    assert s8.u.codes.shape == shape and s8.u.scales.shape == (math.ceil(n / BLOCK),)
+    # A constant gradient: direction ~1, within u's code step (2**-4) plus m's code.
+    np.testing.assert_allclose(d8, d32, atol=0.1)
+
+
+# --- construction -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [ax.scale_by_adamax, ax.adamax, ax.adamaxw, ax.nadamax])
+def test_every_constructor_takes_state_bits(make):
+    tx = make(state_bits=8, block_size=64)
+    state = tx.init(_params())
+    inner = state if isinstance(state, ax.AdamaxState) else state[0]
+    assert isinstance(inner.u["w"], _quantize.QuantizedU) and inner.u["w"].block_size == 64
+
+
+@pytest.mark.parametrize("bits", [4, 16, 0])
+def test_state_bits_other_than_8_is_a_value_error(bits):
+    with pytest.raises(ValueError, match="state_bits"):
+        ax.adamax(state_bits=bits)
+
+
+@pytest.mark.parametrize("bits", ["8", 8.0, True])
+def test_state_bits_of_another_type_is_a_type_error(bits):
+    with pytest.raises(TypeError, match="state_bits"):
+        ax.adamax(state_bits=bits)
+
+
+@pytest.mark.parametrize("size", [0, -256, 100, 3])
+def test_block_size_must_be_a_positive_power_of_two(size):
+    with pytest.raises(ValueError, match="block_size"):
+        ax.adamax(state_bits=8, block_size=size)
+
+
+def test_inject_hyperparams_needs_static_state_bits():
+    params = _params()
+    with pytest.raises(TypeError, match="static_args"):
+        optax.inject_hyperparams(ax.adamax)(learning_rate=1e-2, state_bits=8).init(params)
+    tx = optax.inject_hyperparams(ax.adamax, static_args=("state_bits", "block_size"))(
+        learning_rate=1e-2, state_bits=8
+    )
+    state = tx.init(params)
+    _, state = jax.jit(tx.update)(_grads(), state, params)
+    assert isinstance(state.inner_state[0].u["w"], _quantize.QuantizedU)
+    # Dtypes given as strings are not numbers, so inject_hyperparams leaves them alone.
+    tx = optax.inject_hyperparams(ax.adamax)(learning_rate=1e-2, m_dtype="bfloat16")
+    _, state = jax.jit(tx.update)(_grads(), tx.init(params), params)
+    assert state.inner_state[0].m["w"].dtype == jnp.bfloat16
