@@ -3,43 +3,68 @@
 Hyperparameters can arrive as Python numbers (checked here, at construction) or as
 JAX arrays, possibly traced under ``jit``/``vmap`` by ``optax.inject_hyperparams``.
 Traced values cannot be inspected, so they pass through unchecked: no Python
-branching may depend on them.
+branching may depend on them. Schedules (callables) and ``None`` pass through too;
+anything else that is not a real number is a TypeError.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
+
+# The step is computed in at least float32, so a bound that a Python float keeps
+# may be lost after rounding (b1 = 1 - 1e-8 is 1.0 in float32: 1 / (1 - b1**t) = inf).
+_COMPUTE_FLOAT = np.float32
 
 
-def concrete_float(value: Any) -> float | None:
-    """Returns ``value`` as a Python float if it is a concrete scalar, else None.
+def concrete_array(value: Any, name: str = "value") -> np.ndarray | None:
+    """``value`` as a float64 NumPy array if it is a concrete real number or array.
 
-    Schedules, traced values and non-scalar arrays return None: they are checked
-    (if at all) where they are used.
+    Schedules, traced values and ``None`` return None: they are checked (if at all)
+    where they are used.
+
+    Raises:
+      TypeError: For booleans, complex numbers and values that are not numbers
+        (such as the string ``"0.9"``), naming ``name``.
     """
-    if callable(value) or isinstance(value, jax.core.Tracer):
+    if value is None or callable(value) or isinstance(value, Tracer):
         return None
+    got = f"{type(value).__name__} {value!r}"
     if isinstance(value, bool | np.bool_):
-        raise TypeError(f"expected a number, got the boolean {value!r}")
+        raise TypeError(f"{name} must be a real number, got the boolean {value!r}")
     try:
         arr = np.asarray(value)
-    except Exception:  # noqa: BLE001 - anything not array-like is not ours to check
-        return None
-    if arr.ndim != 0 or not np.issubdtype(arr.dtype, np.number):
+    except Exception as e:  # re-raised with a message that names the value
+        raise TypeError(f"{name} must be a real number, got {got}") from e
+    # jnp.issubdtype, not np's: it knows bfloat16.
+    if arr.dtype == np.bool_ or not jnp.issubdtype(arr.dtype, jnp.number):
+        raise TypeError(f"{name} must be a real number, got {got}")
+    if jnp.issubdtype(arr.dtype, jnp.complexfloating):
+        raise TypeError(f"{name} must be a real number, got the complex value {value!r}")
+    return arr.astype(np.float64)
+
+
+def concrete_float(value: Any, name: str = "value") -> float | None:
+    """Returns ``value`` as a Python float if it is a concrete scalar, else None.
+
+    Schedules, traced values, ``None`` and non-scalar arrays return None.
+    """
+    arr = concrete_array(value, name)
+    if arr is None or arr.ndim != 0:
         return None
     return float(arr)
 
 
 def check_finite(name: str, value: Any) -> None:
-    v = concrete_float(value)
-    if v is not None and not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {v!r}")
+    """Raises ValueError if a concrete ``value`` (scalar or array) is NaN or infinite."""
+    arr = concrete_array(value, name)
+    if arr is not None and not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} must be finite, got {_show(arr)}")
 
 
 def check_range(
@@ -51,19 +76,34 @@ def check_range(
     low_inclusive: bool = True,
     high_inclusive: bool = True,
 ) -> None:
-    """Raises ValueError if a concrete ``value`` lies outside [low, high]."""
-    v = concrete_float(value)
-    if v is None:
+    """Raises ValueError if a concrete ``value`` is NaN or lies outside [low, high].
+
+    Values are also checked after rounding to float32, the narrowest dtype the step
+    is computed in: ``b1 = 1 - 1e-8`` is below 1 as a Python float but exactly 1 in
+    float32, where ``1 / (1 - b1**t)`` is infinite.
+    """
+    arr = concrete_array(value, name)
+    if arr is None:
         return
-    ok_low = v >= low if low_inclusive else v > low
-    ok_high = v <= high if high_inclusive else v < high
-    if not (math.isfinite(v) and ok_low and ok_high):
-        lb = "[" if low_inclusive else "("
-        hb = "]" if high_inclusive else ")"
-        raise ValueError(f"{name} must lie in {lb}{low}, {high}{hb}, got {v!r}")
+    interval = f"{'[' if low_inclusive else '('}{low}, {high}{']' if high_inclusive else ')'}"
+
+    def inside(x: np.ndarray) -> bool:
+        above = x >= low if low_inclusive else x > low
+        below = x <= high if high_inclusive else x < high
+        return bool(np.all(np.isfinite(x) & above & below))
+
+    if not inside(arr):
+        raise ValueError(f"{name} must lie in {interval}, got {_show(arr)}")
+    with np.errstate(over="ignore"):
+        rounded = arr.astype(_COMPUTE_FLOAT).astype(np.float64)
+    if not inside(rounded):
+        raise ValueError(
+            f"{name} must lie in {interval} after rounding to float32 (the dtype the step "
+            f"is computed in), got {_show(arr)}, which rounds to {_show(rounded)}"
+        )
 
 
-def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
     if value not in choices:
         options = ", ".join(repr(c) for c in choices)
         raise ValueError(f"{name} must be one of {options}, got {value!r}")
@@ -90,11 +130,15 @@ def check_float_leaves(tree: Any, what: str) -> None:
     """Raises TypeError naming the first leaf that is not a float or complex array."""
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
         dtype = getattr(leaf, "dtype", None)
-        if dtype is None:
-            dtype = np.asarray(leaf).dtype
-        if not jnp.issubdtype(dtype, jnp.inexact):
+        if dtype is not None:
+            ok, kind = jnp.issubdtype(dtype, jnp.inexact), f"dtype {dtype}"
+        else:
+            # A Python scalar or other object: name its type, not NumPy's guess.
+            ok = isinstance(leaf, float | complex) and not isinstance(leaf, bool)
+            kind = f"type {type(leaf).__name__}"
+        if not ok:
             raise TypeError(
-                f"adamax_jax: {what} leaf {path_str(path)} has dtype {dtype}; Adamax needs "
+                f"adamax_jax: {what} leaf {path_str(path)} has {kind}; Adamax needs "
                 "floating-point leaves (cast integer or boolean leaves to a float dtype, or "
                 "exclude them with optax.masked / optax.partition)"
             )
@@ -103,27 +147,64 @@ def check_float_leaves(tree: Any, what: str) -> None:
 def flatten_like(
     updates: Any, state_tree: Any, what: str, is_leaf: Callable[[Any], bool] | None = None
 ) -> list[Any]:
-    """Flattens ``state_tree`` up to the structure of ``updates``, naming a mismatch."""
+    """Flattens ``state_tree`` up to the structure of ``updates``, naming a mismatch.
+
+    Raises:
+      ValueError: If the trees differ, naming the first leaf path found in one tree
+        but not the other (or, when the paths agree, the differing containers).
+    """
     treedef = jax.tree.structure(updates)
     try:
         return treedef.flatten_up_to(state_tree)
     except (ValueError, TypeError):
         pass
-    # Find the first path where they differ, for the message.
-    upaths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(updates)]
-    spaths = [
-        jax.tree_util.keystr(p)
-        for p, _ in jax.tree_util.tree_leaves_with_path(state_tree, is_leaf=is_leaf)
-    ]
-    first = next(
-        (
-            f"{a or '<root>'} (gradients) vs {b or '<root>'} ({what})"
-            for a, b in zip(upaths, spaths, strict=False)
-            if a != b
-        ),
-        f"gradients have {len(upaths)} leaves, {what} has {len(spaths)}",
-    )
     raise ValueError(
-        "adamax_jax: the gradient tree does not match the optimizer state "
-        f"(first difference: {first}); was the state made by init on these parameters?"
+        "adamax_jax: the gradient tree does not match the optimizer state (first "
+        f"difference: {_first_difference(updates, state_tree, what, is_leaf)}); was the "
+        "state made by init on these parameters?"
     )
+
+
+def _first_difference(
+    updates: Any, state_tree: Any, what: str, is_leaf: Callable[[Any], bool] | None
+) -> str:
+    upaths = [p for p, _ in jax.tree_util.tree_leaves_with_path(updates)]
+    spaths = [p for p, _ in jax.tree_util.tree_leaves_with_path(state_tree, is_leaf=is_leaf)]
+    # A state leaf belongs to a gradient leaf whose path is a prefix of its own: a
+    # compactly stored moment (8-bit codes and scales) sits below the parameter's path.
+    ukeys = {jax.tree_util.keystr(p) for p in upaths}
+    owners = set()
+    orphan = None
+    for sp in spaths:
+        owner = next(
+            (k for n in range(len(sp), -1, -1) if (k := jax.tree_util.keystr(sp[:n])) in ukeys),
+            None,
+        )
+        if owner is None:
+            orphan = orphan or path_str(sp)
+        else:
+            owners.add(owner)
+    missing = next((path_str(p) for p in upaths if jax.tree_util.keystr(p) not in owners), None)
+    parts = []
+    if missing is not None:
+        parts.append(f"{missing} is in the gradients but not in {what}")
+    if orphan is not None:
+        parts.append(f"{orphan} is in {what} but not in the gradients")
+    if parts:
+        return "; ".join(parts)
+    # Same leaf paths, different containers (a tuple where the state has a list, or
+    # another node type): show both structures, shortened.
+    return (
+        f"the leaf paths agree but the containers differ: gradients are "
+        f"{_short(jax.tree.structure(updates))}, {what} is "
+        f"{_short(jax.tree.structure(state_tree, is_leaf=is_leaf))}"
+    )
+
+
+def _short(obj: Any, limit: int = 120) -> str:
+    s = str(obj)
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def _show(arr: np.ndarray) -> str:
+    return repr(float(arr)) if arr.ndim == 0 else np.array2string(arr, threshold=8)
