@@ -29,6 +29,7 @@ def adamax(
     u_dtype: Any = None,
     nesterov: bool = False,
     lazy_rows: bool = False,
+    skip_nonfinite: bool = False,
     state_bits: int | None = None,
     block_size: int = 256,
 ) -> optax.GradientTransformation:
@@ -49,7 +50,7 @@ def adamax(
       learning_rate: A fixed step size or an optax schedule of the step count.
         Negative values are allowed and turn descent into ascent, as in optax.
       b1, b2, eps, eps_placement, bias_correction, m_dtype, u_dtype, nesterov,
-        lazy_rows, state_bits, block_size: See :func:`adamax_jax.scale_by_adamax`
+        lazy_rows, skip_nonfinite, state_bits, block_size: See :func:`adamax_jax.scale_by_adamax`
         (``state_bits=8`` stores the moments in about 2 bytes per parameter).
 
     Returns:
@@ -93,6 +94,7 @@ def adamax(
             u_dtype=u_dtype,
             nesterov=nesterov,
             lazy_rows=lazy_rows,
+            skip_nonfinite=skip_nonfinite,
             state_bits=state_bits,
             block_size=block_size,
         ),
@@ -114,6 +116,7 @@ def adamaxw(
     u_dtype: Any = None,
     nesterov: bool = False,
     lazy_rows: bool = False,
+    skip_nonfinite: bool = False,
     state_bits: int | None = None,
     block_size: int = 256,
 ) -> optax.GradientTransformation:
@@ -139,7 +142,7 @@ def adamaxw(
         function of the parameters returning one; ``True`` where decay applies.
         Biases and normalisation scales are commonly excluded.
       eps_placement, bias_correction, m_dtype, u_dtype, nesterov, lazy_rows,
-        state_bits, block_size: See :func:`adamax_jax.scale_by_adamax`.
+        skip_nonfinite, state_bits, block_size: See :func:`adamax_jax.scale_by_adamax`.
 
     Returns:
       An :class:`optax.GradientTransformation`. Its ``update`` needs ``params``.
@@ -171,6 +174,7 @@ def adamaxw(
             u_dtype=u_dtype,
             nesterov=nesterov,
             lazy_rows=lazy_rows,
+            skip_nonfinite=skip_nonfinite,
             state_bits=state_bits,
             block_size=block_size,
         ),
@@ -184,7 +188,15 @@ def nadamax(
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.999,
     eps: jax.typing.ArrayLike = 1e-8,
-    **kwargs: Any,
+    *,
+    eps_placement: EpsPlacement = "denominator",
+    bias_correction: bool = True,
+    m_dtype: Any = None,
+    u_dtype: Any = None,
+    lazy_rows: bool = False,
+    skip_nonfinite: bool = False,
+    state_bits: int | None = None,
+    block_size: int = 256,
 ) -> optax.GradientTransformation:
     r"""NAdamax: Adamax with a Nesterov look-ahead in the first moment.
 
@@ -200,8 +212,10 @@ def nadamax(
     in place of the root mean square.
 
     Args:
-      learning_rate, b1, b2, eps: See :func:`adamax`.
-      **kwargs: Any other keyword of :func:`adamax` except ``nesterov``.
+      learning_rate, b1, b2, eps, eps_placement, bias_correction, m_dtype, u_dtype,
+        lazy_rows, skip_nonfinite, state_bits, block_size: See :func:`adamax`. The
+        keywords are spelled out (not ``**kwargs``) so that
+        ``optax.inject_hyperparams(nadamax)`` can bind them.
 
     Returns:
       An :class:`optax.GradientTransformation`.
@@ -219,6 +233,18 @@ def nadamax(
       Dozat, `Incorporating Nesterov Momentum into Adam
       <https://openreview.net/pdf?id=OM0jvwB8jIp57ZJjtNEZ>`_, ICLR workshop 2016.
     """
-    if "nesterov" in kwargs:
-        raise TypeError("nadamax() always uses nesterov=True; use adamax() to choose")
-    return adamax(learning_rate, b1, b2, eps, nesterov=True, **kwargs)
+    return adamax(
+        learning_rate,
+        b1,
+        b2,
+        eps,
+        eps_placement=eps_placement,
+        bias_correction=bias_correction,
+        m_dtype=m_dtype,
+        u_dtype=u_dtype,
+        nesterov=True,
+        lazy_rows=lazy_rows,
+        skip_nonfinite=skip_nonfinite,
+        state_bits=state_bits,
+        block_size=block_size,
+    )

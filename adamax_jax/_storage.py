@@ -71,9 +71,17 @@ def zeros(
     is unused; any other leaf gets a plain array of ``dtype``.
     """
     if state_bits == 8 and _quantize.quantizable(param):
-        return _quantize.zeros_m(param) if moment == "m" else _quantize.zeros_u(param, block_size)
-    # zeros_like (not zeros(shape)) lets a concrete parameter's sharding carry over.
-    return jnp.zeros_like(param, dtype=dtype)
+        z = _quantize.zeros_m(param) if moment == "m" else _quantize.zeros_u(param, block_size)
+    else:
+        # zeros_like (not zeros(shape)) lets a concrete parameter's sharding carry over.
+        z = jnp.zeros_like(param, dtype=dtype)
+    if isinstance(param, jax.core.Tracer):
+        # Under jit, zeros that never read the parameter lose its sharding (XLA puts
+        # them on one device). A select whose predicate reads the parameter, with the
+        # same value in both branches, ties the layouts together at no cost per step.
+        same = param == param
+        z = jax.tree.map(lambda a: jnp.where(same, a, a) if a.shape == param.shape else a, z)
+    return z
 
 
 def read(stored: Any, dtype: jnp.dtype) -> jax.Array:

@@ -26,7 +26,8 @@ class AdamaxState(NamedTuple):
         parameters (real-valued, and never negative).
     """
 
-    count: jax.Array
+    # Named like tuple.count, as in optax's own states.
+    count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride]
     m: optax.Updates
     u: optax.Updates
 
@@ -47,6 +48,7 @@ def scale_by_adamax(
     u_dtype: Any = None,
     nesterov: bool = False,
     lazy_rows: bool = False,
+    skip_nonfinite: bool = False,
     state_bits: int | None = None,
     block_size: int = 256,
 ) -> optax.GradientTransformation:
@@ -116,6 +118,12 @@ def scale_by_adamax(
         (embedding) semantics: a token absent from a batch does not decay its
         moments or move. Use it for embedding tables trained on sparse lookups;
         leave it off for dense layers, where a zero gradient row is information.
+      skip_nonfinite: Leave elements whose gradient is NaN or infinite untouched:
+        their ``m`` and ``u`` keep their values and their update is zero, while
+        the other elements step as usual (the per-element skip of bitsandbytes'
+        8-bit kernels). Without it, such an element's ``m`` and ``u`` become NaN
+        or infinite for good and its update is NaN from then on. To skip the
+        whole step instead, wrap the optimizer in ``optax.apply_if_finite``.
       state_bits: ``None`` for floating-point moments, or ``8`` for blockwise 8-bit
         moments (about 2 bytes per parameter instead of 8). ``m_dtype`` and
         ``u_dtype`` then apply only to the leaves that are not quantized.
@@ -134,6 +142,8 @@ def scale_by_adamax(
         non-floating ``m_dtype``/``u_dtype``; at construction, for a
         ``state_bits``/``block_size`` that is not a Python int (as
         ``optax.inject_hyperparams`` makes them unless they are static).
+        At ``update``, for a state that is not an :class:`AdamaxState` (such as a
+        checkpoint restored without a target).
 
     Example:
       >>> import jax.numpy as jnp
@@ -166,15 +176,16 @@ def scale_by_adamax(
         _validation.check_float_leaves(params, "parameter")
 
         def m_zeros(p: Any) -> Any:
-            dtype = jnp.dtype(p.dtype) if m_dtype is None else m_dtype
-            if jnp.issubdtype(p.dtype, jnp.complexfloating) and not jnp.issubdtype(
+            p_dtype = jnp.result_type(p)  # not p.dtype: a leaf may be a Python float
+            dtype = p_dtype if m_dtype is None else m_dtype
+            if jnp.issubdtype(p_dtype, jnp.complexfloating) and not jnp.issubdtype(
                 dtype, jnp.complexfloating
             ):
                 dtype = jnp.result_type(dtype, jnp.complex64)
             return _storage.zeros(p, dtype, "m", state_bits=state_bits, block_size=block_size)
 
         def u_zeros(p: Any) -> Any:
-            dtype = _storage.real_dtype(p.dtype) if u_dtype is None else u_dtype
+            dtype = _storage.real_dtype(jnp.result_type(p)) if u_dtype is None else u_dtype
             return _storage.zeros(p, dtype, "u", state_bits=state_bits, block_size=block_size)
 
         # Param-shaped state only through tree.map over params, so that
@@ -186,9 +197,15 @@ def scale_by_adamax(
         )
 
     def update_fn(
-        updates: optax.Updates, state: AdamaxState, params: optax.Params | None = None
+        updates: optax.Updates, state: optax.OptState, params: optax.Params | None = None
     ) -> tuple[optax.Updates, AdamaxState]:
         del params
+        if not isinstance(state, AdamaxState):
+            raise TypeError(
+                "adamax_jax: expected the state to be an AdamaxState, got "
+                f"{type(state).__name__}; a checkpoint restored without a target comes back "
+                "as plain dicts and lists: restore it onto jax.eval_shape(opt.init, params)"
+            )
         _validation.check_float_leaves(updates, "gradient")
         treedef = jax.tree.structure(updates)
         paths_and_grads = jax.tree_util.tree_leaves_with_path(updates)
@@ -200,6 +217,7 @@ def scale_by_adamax(
         for i, ((path, g), m_s, u_s) in enumerate(
             zip(paths_and_grads, m_leaves, u_leaves, strict=True)
         ):
+            g = jnp.asarray(g)  # a leaf may be a Python float
             if tuple(g.shape) != tuple(m_s.shape) or tuple(g.shape) != tuple(u_s.shape):
                 raise ValueError(
                     f"adamax_jax: gradient {_validation.path_str(path)} has shape "
@@ -207,7 +225,19 @@ def scale_by_adamax(
                     f"and {tuple(u_s.shape)} (u)"
                 )
             upd, m_new, u_new = _leaf_update(
-                g, m_s, u_s, count, i, b1, b2, eps, eps_in_max, bias_correction, nesterov, lazy_rows
+                g,
+                m_s,
+                u_s,
+                count,
+                i,
+                b1,
+                b2,
+                eps,
+                eps_in_max,
+                bias_correction,
+                nesterov,
+                lazy_rows,
+                skip_nonfinite,
             )
             new_updates.append(upd)
             new_m.append(m_new)
@@ -233,6 +263,7 @@ def _leaf_update(
     bias_correction: bool,
     nesterov: bool,
     lazy_rows: bool,
+    skip_nonfinite: bool,
 ) -> tuple[jax.Array, Any, Any]:
     """One leaf's step, in the compute dtype. Returns the update and the stored m, u."""
     cdt = _storage.compute_dtype(g.dtype, m_stored.dtype)
@@ -250,30 +281,44 @@ def _leaf_update(
     abs_g = jnp.abs(gc)
     floor = eps if eps_in_max else jnp.zeros_like(eps)
     u = jnp.maximum(b2 * u_prev, abs_g + floor)
-    denom = u if eps_in_max else u + eps
 
-    if nesterov:
-        t = count.astype(rdt)
-        if bias_correction:
-            num = b1 * m / (1 - b1 ** (t + 1)) + (1 - b1) * gc / (1 - b1**t)
-        else:
-            num = b1 * m + (1 - b1) * gc
-    elif bias_correction:
-        num = m / (1 - b1 ** count.astype(rdt))
-    else:
-        num = m
-
-    # u + eps == 0 only where eps == 0 and no gradient has been seen: no step there
-    # (the paper's 0/0), instead of NaN.
-    positive = denom > 0
-    upd = jnp.where(positive, num / jnp.where(positive, denom, 1), 0)
-
+    # Elements that keep their state and take no step: rows without gradient
+    # (lazy_rows) and non-finite gradients (skip_nonfinite). The moments are picked
+    # before the division: selecting them after it makes XLA copy the donated state
+    # buffers (measured 5x slower on a 16M leaf).
+    finite = jnp.isfinite(gc) if skip_nonfinite else None
     touched = None
     if lazy_rows:
         touched = gc != 0 if gc.ndim <= 1 else jnp.any(gc != 0, axis=tuple(range(1, gc.ndim)))
         touched = touched.reshape(touched.shape + (1,) * (gc.ndim - touched.ndim))
+    if finite is not None:
+        touched = finite if touched is None else touched & finite
+    if touched is not None:
         m = jnp.where(touched, m, m_prev)
         u = jnp.where(touched, u, u_prev)
+    denom = u if eps_in_max else u + eps
+
+    # u + eps == 0 only where eps == 0 and no gradient has been seen: no step there
+    # (the paper's 0/0), instead of NaN. A NaN denominator (from a NaN gradient) is
+    # not zero: the NaN shows in the update instead of freezing the element unseen.
+    zero = denom == 0
+    safe_denom = jnp.where(zero, 1, denom)
+    if nesterov:
+        t = count.astype(rdt)
+        # Each term over u before the sum: for gradients near the float maximum the
+        # sum itself (up to about 1.5 |g|) would overflow.
+        m_term = b1 * m / safe_denom
+        g_term = (1 - b1) * gc / safe_denom
+        if bias_correction:
+            upd = m_term / (1 - b1 ** (t + 1)) + g_term / (1 - b1**t)
+        else:
+            upd = m_term + g_term
+    elif bias_correction:
+        upd = m / (1 - b1 ** count.astype(rdt)) / safe_denom
+    else:
+        upd = m / safe_denom
+    upd = jnp.where(zero, 0, upd)
+    if touched is not None:
         upd = jnp.where(touched, upd, 0)
 
     m_new, u_new = _storage.write_moments(
@@ -286,7 +331,8 @@ def _leaf_update(
         b1=b1,
         b2=b2,
         touched=touched,
-        grad=gc,
+        # Skipped elements must not size the 8-bit block scales either.
+        grad=gc if finite is None else jnp.where(finite, gc, 0),
         floor=floor,
     )
     return upd.astype(g.dtype), m_new, u_new

@@ -168,8 +168,8 @@ def sharded_run(mesh: Mesh, *, zero_axis: str | None) -> tuple[Any, Any]:
         state_sh = ax.sharding.state_sharding(opt, params, mesh, zero_axis=zero_axis)
         step = train_step(opt, out_sharding=P("data", None) if explicit else None)
         if zero_axis is None:
-            # Under automatic axes init must be told (see the xfail test below).
-            init = jax.jit(opt.init) if explicit else jax.jit(opt.init, out_shardings=state_sh)
+            # No shardings given: the moments must follow their parameters by themselves.
+            init = jax.jit(opt.init)
             jit_step = jax.jit(step, donate_argnums=(0, 1))
         else:
             init = jax.jit(opt.init, out_shardings=state_sh)
@@ -214,13 +214,9 @@ def test_sharded_runs_match_single_device_with_and_without_zero(
     assert_trees_close(zero, beside, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="under automatic axes jax.jit(opt.init) cannot see the parameters' shardings and "
-    "jit drops the unread parameters, so the zeros land on one device; pass "
-    "out_shardings=state_sharding(...) (see the report on _storage.zeros)",
-)
 def test_plain_jit_init_follows_params_on_auto_mesh() -> None:
+    # Zeros that never read the parameters would be placed on one device by jit;
+    # _storage.zeros ties them to the parameters' layout.
     mesh = make_mesh((4, 2), AxisType.Auto)
     param_sh = {k: NamedSharding(mesh, spec) for k, spec in PARAM_SPECS.items()}
     params = jax.device_put(init_params(), param_sh)

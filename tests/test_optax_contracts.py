@@ -194,3 +194,12 @@ def test_update_accepts_none_and_masked_nodes():
     tree = {"a": jnp.ones(2), "m": masked}
     updates, _ = ax.scale_by_adamax().update(tree, ax.scale_by_adamax().init(tree))
     assert isinstance(updates["m"], optax.MaskedNode)
+
+
+@pytest.mark.parametrize("factory", [ax.adamax, ax.adamaxw, ax.nadamax])
+def test_every_constructor_works_under_inject_hyperparams(factory):
+    # inject_hyperparams binds the factory's signature: no **kwargs may hide a keyword.
+    injected = optax.inject_hyperparams(factory)(learning_rate=0.05)
+    a, _ = _steps(injected, _PARAMS, 5, update=jax.jit(injected.update))
+    b, _ = _steps(factory(0.05), _PARAMS, 5)
+    _assert_trees_close(a, b, rtol=1e-6, atol=1e-7)
