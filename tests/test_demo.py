@@ -1,0 +1,93 @@
+"""Smoke test of ``python -m adamax_jax.demo`` so the demo cannot rot.
+
+The demo's numbers are checked against a NumPy float64 transcription of the seed
+tutorial's Adamax loop written here, independent of the library and the demo.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flax")
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+
+from adamax_jax import demo
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _numpy_adamax(grad, x0, steps, lr=0.01, b1=0.9, b2=0.999, eps=1e-8):
+    x = np.array(x0, np.float64)
+    m = np.zeros_like(x)
+    u = np.zeros_like(x)
+    for t in range(1, steps + 1):
+        g = grad(x)
+        m = b1 * m + (1 - b1) * g
+        u = np.maximum(b2 * u, np.abs(g))
+        x = x - lr / (1 - b1**t) * m / (u + eps)
+    return x
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    return out, demo.main(["--steps", "25", "--toy-steps", "600", "--out", str(out)])
+
+
+def test_writes_the_plots_and_the_summary(demo_run):
+    out, results = demo_run
+    names = sorted(p.name for p in results.files)
+    assert names == ["digits_loss.png", "summary.md", "toy_1d.png", "toy_2d.png"]
+    for name in ("digits_loss.png", "toy_1d.png", "toy_2d.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 10_000, name
+    assert (out / "summary.md").read_text().strip() == results.tables
+
+
+def test_toy_problems_match_the_seed_loop_and_reach_the_minima(demo_run):
+    _, results = demo_run
+    one, two = results.toys
+    expected_one = _numpy_adamax(lambda x: 1 - 3 * x**2, [-1.0], 600)
+    expected_two = _numpy_adamax(
+        lambda v: np.array([4 * v[0] + 2 * v[1] - 6, 2 * v[0] + 4 * v[1]]), [1.0, 0.0], 600
+    )
+    # float32 iterates against a float64 loop.
+    np.testing.assert_allclose(one.path[-1], expected_one, atol=1e-5)
+    np.testing.assert_allclose(two.path[-1], expected_two, atol=1e-5)
+    np.testing.assert_allclose(one.path[-1], [-1 / math.sqrt(3)], atol=1e-4)
+    np.testing.assert_allclose(two.path[-1], [2.0, -1.0], atol=1e-3)
+    assert one.path.shape == (601, 1) and two.path.shape == (601, 2)
+
+
+def test_every_optimizer_trains(demo_run, capsys):
+    _, results = demo_run
+    assert [r.name for r in results.training] == list(demo.digits_optimizers())
+    for r in results.training:
+        assert r.losses.shape == (25,)
+        assert np.all(np.isfinite(r.losses))
+        # ln(10) = 2.30 is chance level for ten classes.
+        assert r.losses[-5:].mean() < r.losses[0] - 0.3, r.name
+        assert 0.3 < r.test_accuracy <= 1.0, r.name
+        assert r.ms_per_step > 0
+        assert r.name in results.tables
+
+
+def test_command_line_help_and_bad_arguments():
+    proc = subprocess.run(
+        [sys.executable, "-m", "adamax_jax.demo", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "--out" in proc.stdout and "--steps" in proc.stdout
+    with pytest.raises(SystemExit) as excinfo:
+        demo.main(["--steps", "0"])
+    assert excinfo.value.code == 2
