@@ -2,6 +2,7 @@
 
 from adamax_jax import compat, sharding
 from adamax_jax._alias import adamax, adamaxw, nadamax
+from adamax_jax._packed import packed
 from adamax_jax._transform import AdamaxState, scale_by_adamax
 
 __version__ = "0.1.0.dev0"
@@ -12,6 +13,7 @@ __all__ = [
     "adamaxw",
     "compat",
     "nadamax",
+    "packed",
     "scale_by_adamax",
     "sharding",
 ]
