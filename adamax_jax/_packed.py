@@ -15,7 +15,7 @@ are: it pays for a copy only where the copy removes dispatch overhead.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -281,6 +281,7 @@ def packed(
                     )
             packed_params = layout.pack(param_leaves)
         new_updates, state = inner.update(packed_updates, state, packed_params, **extra_args)
-        return treedef.unflatten(layout.unpack(new_updates)), state
+        # The inner transform maps the packed tree to one of the same structure.
+        return treedef.unflatten(layout.unpack(cast(PackedTree, new_updates))), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

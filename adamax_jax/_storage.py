@@ -32,6 +32,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 
 from adamax_jax import _quantize
 
@@ -75,7 +76,7 @@ def zeros(
     else:
         # zeros_like (not zeros(shape)) lets a concrete parameter's sharding carry over.
         z = jnp.zeros_like(param, dtype=dtype)
-    if isinstance(param, jax.core.Tracer):
+    if isinstance(param, Tracer):
         # Under jit, zeros that never read the parameter lose its sharding (XLA puts
         # them on one device). A select whose predicate reads the parameter, with the
         # same value in both branches, ties the layouts together at no cost per step.
