@@ -107,8 +107,23 @@ _R_CAP = 64.0  # largest |m|/u a code can express when b1 >= b2 (no bound exists
 _GOLDEN = 0x9E3779B9  # 2**32 / golden ratio
 
 
+class _CodedMoment:
+    """What the core reads off a stored moment: the logical shape and compute dtype."""
+
+    codes: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.codes.shape)
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        """The dtype the moment is computed in."""
+        return jnp.dtype(jnp.float32)
+
+
 @dataclasses.dataclass(frozen=True)
-class QuantizedU:
+class QuantizedU(_CodedMoment):
     """``u`` of one leaf as 8-bit codes with one float32 scale per block.
 
     Attributes:
@@ -122,18 +137,9 @@ class QuantizedU:
     scales: jax.Array
     block_size: int = dataclasses.field(metadata={"static": True})
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.codes.shape)
-
-    @property
-    def dtype(self) -> jnp.dtype:
-        """The dtype the moment is computed in."""
-        return jnp.dtype(jnp.float32)
-
 
 @dataclasses.dataclass(frozen=True)
-class QuantizedM:
+class QuantizedM(_CodedMoment):
     """``m`` of one leaf as int8 codes of ``m / u`` with one float32 range.
 
     Attributes:
@@ -143,14 +149,6 @@ class QuantizedM:
 
     codes: jax.Array
     scale: jax.Array
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.codes.shape)
-
-    @property
-    def dtype(self) -> jnp.dtype:
-        return jnp.dtype(jnp.float32)
 
 
 jax.tree_util.register_dataclass(QuantizedU)
