@@ -194,6 +194,23 @@ def sharded_run(mesh: Mesh, *, zero_axis: str | None) -> tuple[Any, Any]:
         return params, state
 
 
+def optimizer_step(opt: optax.GradientTransformation) -> Callable:
+    """One optimizer step as a function of (grads, state, params)."""
+
+    def step(grads: Any, state: Any, params: Any) -> tuple[Any, Any]:
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return step
+
+
+def run_steps(step: Callable, params: Any, state: Any, *, grads: list[Any]) -> Any:
+    """Applies ``step`` once per gradient, one step in flight at a time (see above)."""
+    for g in grads:
+        params, state = jax.block_until_ready(step(g, state, params))
+    return params, state
+
+
 # --- sharded jit ------------------------------------------------------------------------
 
 
@@ -351,14 +368,8 @@ def test_zero_run_with_8bit_state_matches_single_device() -> None:
     params = {"w": rng.standard_normal((128, 256)).astype(np.float32)}
     grads = [{"w": rng.standard_normal((128, 256)).astype(np.float32)} for _ in range(STEPS)]
 
-    def step(grads: Any, state: Any, params: Any) -> tuple[Any, Any]:
-        updates, state = opt.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    def run(step: Callable, params: Any, state: Any) -> Any:
-        for g in grads:
-            params, state = jax.block_until_ready(step(g, state, params))
-        return params, state
+    step = optimizer_step(opt)
+    run = functools.partial(run_steps, grads=grads)
 
     expected = run(jax.jit(step), params, opt.init(params))
     sharded = jax.device_put(params, param_sh)
@@ -479,14 +490,8 @@ def test_transform_inside_shard_map_matches_full_array_update() -> None:
         for _ in range(STEPS)
     ]
 
-    def step(grads: Any, state: Any, params: Any) -> tuple[Any, Any]:
-        updates, state = opt.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    def run(step: Callable, params: Any, state: Any) -> Any:
-        for g in grads:
-            params, state = jax.block_until_ready(step(g, state, params))
-        return params, state
+    step = optimizer_step(opt)
+    run = functools.partial(run_steps, grads=grads)
 
     expected = run(jax.jit(step), params, opt.init(params))
 
