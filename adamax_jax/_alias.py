@@ -12,11 +12,6 @@ from adamax_jax import _validation
 from adamax_jax._transform import EpsPlacement, scale_by_adamax
 
 
-def _check_schedule_or_scalar(name: str, value: Any) -> None:
-    # Negative learning rates are allowed, as in optax: they turn descent into ascent.
-    _validation.check_finite(name, value)
-
-
 def adamax(
     learning_rate: optax.ScalarOrSchedule = 0.002,
     b1: jax.typing.ArrayLike = 0.9,
@@ -82,7 +77,8 @@ def adamax(
       Kingma & Ba, `Adam: A Method for Stochastic Optimization
       <https://arxiv.org/abs/1412.6980>`_, ICLR 2015.
     """
-    _check_schedule_or_scalar("learning_rate", learning_rate)
+    # Negative learning rates are allowed, as in optax: they turn descent into ascent.
+    _validation.check_finite("learning_rate", learning_rate)
     return optax.chain(
         scale_by_adamax(
             b1,
@@ -132,7 +128,9 @@ def adamaxw(
     ``optax.adamaxw``). It is *decoupled*: it does not pass through the moments, so
     it is not rescaled by :math:`1/u`. For coupled L2 (PyTorch's Adamax
     ``weight_decay``) use :func:`adamax_jax.compat.torch_adamax` or chain
-    ``optax.add_decayed_weights`` *before* :func:`scale_by_adamax`.
+    ``optax.add_decayed_weights`` *before* :func:`scale_by_adamax`. The decay acts
+    on every parameter the mask selects, also on rows that ``lazy_rows`` or
+    elements that ``skip_nonfinite`` leave without an Adamax step.
 
     Args:
       learning_rate: Fixed step size or schedule.
@@ -161,8 +159,9 @@ def adamaxw(
       Loshchilov & Hutter, `Decoupled Weight Decay Regularization
       <https://arxiv.org/abs/1711.05101>`_, ICLR 2019.
     """
-    _check_schedule_or_scalar("learning_rate", learning_rate)
-    _check_schedule_or_scalar("weight_decay", weight_decay)
+    # Negative learning rates are allowed, as in optax: they turn descent into ascent.
+    _validation.check_finite("learning_rate", learning_rate)
+    _validation.check_finite("weight_decay", weight_decay)
     return optax.chain(
         scale_by_adamax(
             b1,

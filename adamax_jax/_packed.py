@@ -95,7 +95,8 @@ class _Layout:
 
 def _dtype(leaf: Any) -> Any:
     dtype = getattr(leaf, "dtype", None)
-    return np.asarray(leaf).dtype if dtype is None else dtype
+    # result_type, not np.asarray: a Python float is float32 unless x64 is on.
+    return jnp.result_type(leaf) if dtype is None else dtype
 
 
 def _shape_summary(tree: Any) -> str:

@@ -155,15 +155,10 @@ jax.tree_util.register_dataclass(QuantizedU)
 jax.tree_util.register_dataclass(QuantizedM)
 
 
-def is_quantized(x: Any) -> bool:
-    return isinstance(x, QuantizedU | QuantizedM)
-
-
 def quantizable(param: Any) -> bool:
     """Whether a parameter's moments are stored in 8 bits (large and real)."""
-    return math.prod(param.shape) >= MIN_SIZE and not jnp.issubdtype(
-        param.dtype, jnp.complexfloating
-    )
+    dtype = param.dtype if hasattr(param, "dtype") else jnp.result_type(param)
+    return math.prod(np.shape(param)) >= MIN_SIZE and not jnp.issubdtype(dtype, jnp.complexfloating)
 
 
 def _num_blocks(shape: tuple[int, ...], block_size: int) -> int:
@@ -323,8 +318,8 @@ def write(
 ) -> tuple[QuantizedM, QuantizedU]:
     """Encodes the new ``m`` and ``u`` of one leaf (float32 values of its shape).
 
-    ``touched`` (lazy rows only) is False where the step left ``m`` and ``u`` as they
-    were; those elements keep their codes.
+    ``touched`` (``lazy_rows``, ``skip_nonfinite``) is False where the step left
+    ``m`` and ``u`` as they were; those elements keep their codes.
     """
     shape = u_like.shape
     bs = u_like.block_size
@@ -348,7 +343,9 @@ def write(
     decay_b = decay if tb is None else jnp.where(jnp.any(tb, axis=1), decay, 1.0)
     s_dec = u_like.scales * decay_b
     reset = ~(need <= s_dec * _U_TOP)  # also where need is NaN: the NaN shows in the scale
-    scales = jnp.where(reset, need, s_dec)
+    # maximum (not need alone) carries a NaN scale forward, so a poisoned block stays
+    # visibly NaN instead of silently resuming with its m wiped.
+    scales = jnp.where(reset, jnp.maximum(need, s_dec), s_dec)
     inv = jnp.where(scales > 0, 1.0 / jnp.where(scales > 0, scales, 1.0), 0.0)
     codes_u, rel = encode_e4m4_up(ub * inv[:, None])
     if tb is not None:

@@ -143,8 +143,8 @@ def write_moments(
 
     ``b1`` and ``b2`` are the step's decay rates (quantized ``u`` keeps its decay
     in the block scales; quantized ``m`` is coded relative to the bound of |m| / u).
-    ``touched`` (lazy rows only, broadcastable to the leaf) is False where the step
-    kept the previous ``m`` and ``u``.
+    ``touched`` (from ``lazy_rows`` and ``skip_nonfinite``, broadcastable to the
+    leaf) is False where the step kept the previous ``m`` and ``u``.
     """
     if isinstance(u_like, _quantize.QuantizedU):
         return _quantize.write(

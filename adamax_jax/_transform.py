@@ -12,7 +12,6 @@ from adamax_jax import _storage, _validation
 
 EpsPlacement = Literal["denominator", "max"]
 EPS_PLACEMENTS: tuple[str, ...] = ("denominator", "max")
-_INT32_MAX = jnp.iinfo(jnp.int32).max
 
 
 class AdamaxState(NamedTuple):
@@ -30,11 +29,6 @@ class AdamaxState(NamedTuple):
     count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride]
     m: optax.Updates
     u: optax.Updates
-
-
-def safe_increment(count: jax.Array) -> jax.Array:
-    """``count + 1``, saturating at the int32 maximum so a long run never wraps."""
-    return jnp.where(count < _INT32_MAX, count + 1, count)
 
 
 def scale_by_adamax(
@@ -81,7 +75,9 @@ def scale_by_adamax(
     a step. Because :math:`u_t \ge |g_t|` and :math:`u_t` decays more slowly than
     :math:`m_t` when :math:`\beta_1 < \beta_2`, every element of the update is at
     most about 1 in magnitude (1 at :math:`t=1`, at most 1.009 for the default
-    betas): Adamax's step is bounded by the learning rate.
+    betas): Adamax's step is bounded by the learning rate. The Nesterov form looks
+    ahead by one gradient, so its bound is looser early on (about 1.47 at
+    :math:`t=1` and 1.16 at :math:`t=2` for the default betas, tending to 1.009).
 
     Numerics: the step is computed in at least float32 whatever the storage dtype,
     so float16 parameters with a zero gradient get a zero step rather than 0/0. An
@@ -118,11 +114,17 @@ def scale_by_adamax(
         (embedding) semantics: a token absent from a batch does not decay its
         moments or move. Use it for embedding tables trained on sparse lookups;
         leave it off for dense layers, where a zero gradient row is information.
+        Decoupled weight decay chained after this transform (``adamaxw``) still
+        acts on every row, as in Keras. With ``state_bits=8`` an untouched row that
+        shares a block with touched rows decays its stored ``u`` and ``m`` with
+        the block's scale, which keeps its ratio ``m / u`` (its next step).
       skip_nonfinite: Leave elements whose gradient is NaN or infinite untouched:
-        their ``m`` and ``u`` keep their values and their update is zero, while
+        their ``m`` and ``u`` keep their values and this transform's update is
+        zero there (decoupled weight decay chained after it still applies), while
         the other elements step as usual (the per-element skip of bitsandbytes'
         8-bit kernels). Without it, such an element's ``m`` and ``u`` become NaN
-        or infinite for good and its update is NaN from then on. To skip the
+        or infinite for good and its update is NaN from then on (with
+        ``state_bits=8``, the whole block of ``block_size`` elements it sits in). To skip the
         whole step instead, wrap the optimizer in ``optax.apply_if_finite``.
       state_bits: ``None`` for floating-point moments, or ``8`` for blockwise 8-bit
         moments (about 2 bytes per parameter instead of 8). ``m_dtype`` and
@@ -211,7 +213,7 @@ def scale_by_adamax(
         paths_and_grads = jax.tree_util.tree_leaves_with_path(updates)
         m_leaves = _validation.flatten_like(updates, state.m, "state.m")
         u_leaves = _validation.flatten_like(updates, state.u, "state.u")
-        count = safe_increment(state.count)
+        count = jnp.asarray(optax.safe_increment(state.count))  # saturates at int32 max
 
         new_updates, new_m, new_u = [], [], []
         for i, ((path, g), m_s, u_s) in enumerate(
@@ -266,7 +268,7 @@ def _leaf_update(
     skip_nonfinite: bool,
 ) -> tuple[jax.Array, Any, Any]:
     """One leaf's step, in the compute dtype. Returns the update and the stored m, u."""
-    cdt = _storage.compute_dtype(g.dtype, m_stored.dtype)
+    cdt = _storage.compute_dtype(g.dtype, m_stored.dtype, u_stored.dtype)
     rdt = _storage.real_dtype(cdt)
     # Cast hyperparameters so a float64 or traced float32 value never changes the
     # leaf's compute dtype.
@@ -279,8 +281,8 @@ def _leaf_update(
 
     m = b1 * m_prev + (1 - b1) * gc
     abs_g = jnp.abs(gc)
-    floor = eps if eps_in_max else jnp.zeros_like(eps)
-    u = jnp.maximum(b2 * u_prev, abs_g + floor)
+    floor = eps if eps_in_max else 0.0
+    u = jnp.maximum(b2 * u_prev, abs_g + eps if eps_in_max else abs_g)
 
     # Elements that keep their state and take no step: rows without gradient
     # (lazy_rows) and non-finite gradients (skip_nonfinite). The moments are picked

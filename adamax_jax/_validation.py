@@ -49,17 +49,6 @@ def concrete_array(value: Any, name: str = "value") -> np.ndarray | None:
     return arr.astype(np.float64)
 
 
-def concrete_float(value: Any, name: str = "value") -> float | None:
-    """Returns ``value`` as a Python float if it is a concrete scalar, else None.
-
-    Schedules, traced values, ``None`` and non-scalar arrays return None.
-    """
-    arr = concrete_array(value, name)
-    if arr is None or arr.ndim != 0:
-        return None
-    return float(arr)
-
-
 def check_finite(name: str, value: Any) -> None:
     """Raises ValueError if a concrete ``value`` (scalar or array) is NaN or infinite."""
     arr = concrete_array(value, name)

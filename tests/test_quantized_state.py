@@ -479,3 +479,25 @@ def test_inject_hyperparams_needs_static_state_bits():
     tx = optax.inject_hyperparams(ax.adamax)(learning_rate=1e-2, m_dtype="bfloat16")
     _, state = jax.jit(tx.update)(_grads(), tx.init(params), params)
     assert state.inner_state[0].m["w"].dtype == jnp.bfloat16
+
+
+def test_a_nan_gradient_poisons_its_block_for_good_not_silently():
+    # The block scale must carry the NaN forward: a block that quietly resumed with
+    # its m wiped would train on garbage without any sign of it.
+    opt = ax.adamax(0.01, state_bits=8)
+    params = jnp.ones(8192)
+    state = opt.init(params)
+    bad = jnp.ones(8192).at[5].set(jnp.nan)
+    _, state = opt.update(bad, state)
+    for _ in range(3):
+        updates, state = opt.update(jnp.ones(8192), state)
+    assert bool(jnp.all(jnp.isnan(updates[:256])))  # the element's block of 256
+    assert bool(jnp.all(jnp.isfinite(updates[256:])))  # and nothing else
+
+
+def test_python_float_leaves_work_with_8bit_state():
+    opt = ax.adamax(0.01, state_bits=8)
+    params = {"w": jnp.ones(8192), "s": 1.0}
+    state = opt.init(params)
+    updates, _ = opt.update({"w": jnp.ones(8192), "s": 0.5}, state)
+    np.testing.assert_allclose(float(updates["s"]), -0.01, rtol=1e-5)
