@@ -2,13 +2,14 @@
 
 from adamax_jax import compat, sharding
 from adamax_jax._alias import adamax, adamaxw, nadamax
-from adamax_jax._packed import packed
+from adamax_jax._packed import PackedTree, packed
 from adamax_jax._transform import AdamaxState, scale_by_adamax
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "AdamaxState",
+    "PackedTree",
     "adamax",
     "adamaxw",
     "compat",

@@ -271,10 +271,11 @@ def _leaf_update(
     cdt = _storage.compute_dtype(g.dtype, m_stored.dtype, u_stored.dtype)
     rdt = _storage.real_dtype(cdt)
     # Cast hyperparameters so a float64 or traced float32 value never changes the
-    # leaf's compute dtype.
-    b1 = jnp.asarray(b1).astype(rdt)
-    b2 = jnp.asarray(b2).astype(rdt)
-    eps = jnp.asarray(eps).astype(rdt)
+    # leaf's compute dtype; real parts, since inject_hyperparams makes them complex for
+    # a complex parameter tree (validation refuses a nonzero imaginary part).
+    b1 = jnp.real(jnp.asarray(b1)).astype(rdt)
+    b2 = jnp.real(jnp.asarray(b2)).astype(rdt)
+    eps = jnp.real(jnp.asarray(eps)).astype(rdt)
 
     gc = g.astype(cdt)
     m_prev, u_prev = _storage.read_moments(m_stored, u_stored, cdt, rdt)

@@ -45,7 +45,11 @@ def concrete_array(value: Any, name: str = "value") -> np.ndarray | None:
     if arr.dtype == np.bool_ or not jnp.issubdtype(arr.dtype, jnp.number):
         raise TypeError(f"{name} must be a real number, got {got}")
     if jnp.issubdtype(arr.dtype, jnp.complexfloating):
-        raise TypeError(f"{name} must be a real number, got the complex value {value!r}")
+        # optax.inject_hyperparams gives hyperparameters the parameters' dtype, so a
+        # tree of complex parameters brings complex values with no imaginary part.
+        if np.any(np.imag(arr) != 0):
+            raise TypeError(f"{name} must be a real number, got the complex value {value!r}")
+        arr = np.real(arr)
     return arr.astype(np.float64)
 
 

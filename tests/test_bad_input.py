@@ -216,7 +216,7 @@ def test_out_of_range_hyperparameters_are_refused(name, value, message):
     [
         ("0.9", r"b1 must be a real number, got str '0.9'"),
         (True, r"b1 must be a real number, got the boolean True"),
-        (0.9 + 0j, r"b1 must be a real number, got the complex value"),
+        (0.9 + 0.1j, r"b1 must be a real number, got the complex value"),
         ([0.9], None),  # a non-scalar is not refused here: under vmap they are arrays
     ],
 )

@@ -203,3 +203,13 @@ def test_every_constructor_works_under_inject_hyperparams(factory):
     a, _ = _steps(injected, _PARAMS, 5, update=jax.jit(injected.update))
     b, _ = _steps(factory(0.05), _PARAMS, 5)
     _assert_trees_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_inject_hyperparams_over_complex_parameters():
+    # inject_hyperparams gives the hyperparameters the parameters' (complex) dtype.
+    params = jnp.array([1.0 + 1.0j, -2.0j], jnp.complex64)
+    grads = jnp.array([3.0 + 4.0j, 0.5j], jnp.complex64)
+    injected = optax.inject_hyperparams(ax.adamax)(learning_rate=0.01)
+    updates, _ = jax.jit(injected.update)(grads, injected.init(params), params)
+    expected, _ = ax.adamax(0.01).update(grads, ax.adamax(0.01).init(params))
+    np.testing.assert_allclose(updates, expected, rtol=1e-6)
