@@ -11,6 +11,7 @@ import optax
 import pytest
 
 import adamax_jax as ax
+from tests._reference import adamax_update
 
 STEPS = 300
 
@@ -141,10 +142,8 @@ def _adamaxw_numpy(lr_fn, wd_fn, b1, b2, eps):
         g = _grad(p, np)
         lr, wd = lr_fn(t - 1), wd_fn(t - 1)  # schedules see the 0-based count
         for k in p:
-            m[k] = b1 * m[k] + (1 - b1) * g[k]
-            u[k] = np.maximum(b2 * u[k], np.abs(g[k]))
-            m_hat = m[k] / (1 - b1**t)
-            p[k] = p[k] - lr * (m_hat / (u[k] + eps) + wd * p[k])
+            stepped, m[k], u[k] = adamax_update(p[k], g[k], m[k], u[k], t, lr, b1, b2, eps)
+            p[k] = stepped - lr * wd * p[k]  # decoupled: decay of the previous parameters
             path[k].append(p[k])
     return {k: np.stack(v) for k, v in path.items()}
 
