@@ -91,9 +91,9 @@ def scale_by_adamax(
     ``block_size=256``). Narrow float moments round with a deterministic dither
     keyed by the step, so a bfloat16 ``u`` still decays by ``b2`` (round-to-nearest
     would leave it stuck). With ``state_bits=8``, real leaves of at least 4096
-    elements store ``u`` as an 8-bit minifloat, rounded up, with one float32 scale
-    per block that carries the decay, and ``m`` as an 8-bit code of ``m / u``, so
-    the step stays bounded; smaller and complex leaves keep the plain form. Pass
+    elements store ``u`` as an 8-bit minifloat, rounded to nearest, with one float32
+    scale per block that carries the decay, and ``m`` as an 8-bit code of ``m / u``,
+    so the step stays bounded; smaller and complex leaves keep the plain form. Pass
     ``state_bits`` and ``block_size`` in ``static_args`` of
     ``optax.inject_hyperparams``, and dtypes as strings (``m_dtype="bfloat16"``).
 
