@@ -14,11 +14,11 @@ value of the element's code, read in three regimes:
   :math:`x = 2^e(1 + f/32)` (a code step is 1.6 to 3.1 %);
 * codes 8-63: the seven binades :math:`[2^{-12}, 2^{-5})` with 3 fraction bits
   (6 to 12.5 %);
-* codes 0-7: multiples of :math:`2^{-15}`, down to zero.
+* codes 0-7: multiples of :math:`2^{-15}`, down to zero (a positive ``u`` gets at
+  least code 1, so it never collapses to zero next to a large one).
 
-Every element keeps a relative precision over 4.5 decades below its block's
-largest ``u``, so a small ``u`` never collapses to zero next to a large one (which
-would turn its step into :math:`m/\epsilon`). The precision is tapered because the
+Elements keep a relative precision down to 3.6 decades below their block's largest
+``u``, and a nonzero value down to 4.5 decades. The precision is tapered because the
 step is decided where most elements are: in a trained MLP, 90 % of the elements of
 a block of 256 have a ``u`` within 3 to 5 binades of the block's largest and 99 %
 within 7 to 8, while a steady-gradient element's step is only as accurate as its
