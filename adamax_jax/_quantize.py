@@ -378,11 +378,7 @@ def write(
     scales = jnp.where(reset, jnp.maximum(need, s_dec), s_dec)
     inv = jnp.where(scales > 0, 1.0 / jnp.where(scales > 0, scales, 1.0), 0.0)
     codes_u = encode_u_code(ub * inv[:, None])
-    # -- m: the ratio m / u, whose bound R_t is the code's full range. It is taken
-    # against the u this step computed, not against its rounded code: m and u are
-    # then read back rounded by the same factor, which keeps |m| <= R_t u (the
-    # bounded step) whatever the rounding of u, and keeps the rounding out of the
-    # step direction m / u that the next step starts from.
+    # The u that m's code is taken against (below): the u this step computed.
     u_ref = ub
     if tb is not None:
         # Untouched elements keep their u code, which now decays with the block's
@@ -391,6 +387,12 @@ def write(
         old = _to_blocks(u_like.codes, bs)
         codes_u = jnp.where(keep, old, codes_u)
         u_ref = jnp.where(keep, decode_u_code(old) * scales[:, None], ub)
+
+    # -- m: the ratio m / u, whose bound R_t is the code's full range. It is taken
+    # against the u this step computed, not against its rounded code: m and u are
+    # then read back rounded by the same factor, which keeps |m| <= R_t u (the
+    # bounded step) whatever the rounding of u, and keeps the rounding out of the
+    # step direction m / u that the next step starts from.
     r_max = ratio_bound(b1, b2, step)
     pos = u_ref > 0
     y = jnp.where(pos, mb / jnp.where(pos, u_ref, 1.0), 0.0) * (_M_LEVELS / r_max)
