@@ -15,12 +15,15 @@ are: it pays for a copy only where the copy removes dispatch overhead.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from adamax_jax import _explicit
 
 DEFAULT_MAX_LEAF_SIZE = 8192
 
@@ -67,7 +70,7 @@ class _Layout:
                 slots.append(_Slot(shape, size, None, n_large))
                 n_large += 1
             else:
-                group = jnp.dtype(_dtype(leaf)).name
+                group = jnp.dtype(leaf_dtype(leaf)).name
                 offset = fill.get(group, 0)
                 slots.append(_Slot(shape, size, group, offset))
                 fill[group] = offset + size
@@ -78,22 +81,58 @@ class _Layout:
         parts: dict[str, list[Any]] = {g: [] for g in self.groups}
         for leaf, s in zip(leaves, self.slots, strict=True):
             if s.group is not None:
-                parts[s.group].append(jnp.ravel(leaf))
+                # Explicit axes refuse to ravel a leaf sharded past its first dimension:
+                # small leaves are gathered first (they are usually replicated anyway).
+                parts[s.group].append(jnp.ravel(_explicit.replicated(leaf)))
         small = {g: p[0] if len(p) == 1 else jnp.concatenate(p) for g, p in parts.items()}
         return PackedTree(large, small)
 
-    def unpack(self, tree: PackedTree) -> list[Any]:
+    def unpack(self, tree: PackedTree, like: list[Any]) -> list[Any]:
+        """The leaves of ``tree``, each laid out like its counterpart in ``like``."""
         out = []
-        for s in self.slots:
+        for s, leaf in zip(self.slots, like, strict=True):
             if s.group is None:
-                out.append(tree.large[s.index])
+                piece = tree.large[s.index]
             else:
                 piece = jax.lax.slice_in_dim(tree.small[s.group], s.index, s.index + s.size)
-                out.append(piece.reshape(s.shape))
+                piece = piece.reshape(s.shape)
+            out.append(_explicit.laid_out_like(piece, leaf))
         return out
 
 
-def _dtype(leaf: Any) -> Any:
+def arrange_like_packed(
+    leaves: list[Any], packed_state: PackedTree, buffer: Callable[[int], Any]
+) -> PackedTree:
+    """Arranges one object per leaf as :func:`packed` arranged those leaves in ``packed_state``.
+
+    ``leaves`` are the parameter leaves (or objects with their ``shape`` and
+    ``dtype``) in tree order, and ``packed_state`` a :class:`PackedTree` that the
+    inner transform's ``init`` built from them (a moment, say). Large leaves are
+    returned in their place; each flat buffer becomes ``buffer(size)``. The
+    threshold ``packed`` used is not stored, but is implied: the large leaves are
+    the ``len(packed_state.large)`` largest.
+
+    Raises:
+      ValueError: If no threshold packs ``leaves`` into the buffers of ``packed_state``.
+    """
+    sizes = sorted((int(np.prod(np.shape(leaf), dtype=np.int64)) for leaf in leaves), reverse=True)
+    n_large = len(packed_state.large)
+    # Any threshold between the smallest large leaf and the largest small one packs alike.
+    threshold = sizes[n_large] if n_large < len(sizes) else max(sizes[-1] - 1, 0)
+    layout = _Layout.of(leaves, threshold)
+    large = tuple(leaf for leaf, s in zip(leaves, layout.slots, strict=True) if s.group is None)
+    totals = {g: sum(s.size for s in layout.slots if s.group == g) for g in layout.groups}
+    if len(large) != n_large or set(totals) != set(packed_state.small):
+        raise ValueError(
+            "adamax_jax: the packed state does not match the parameters: it has "
+            f"{n_large} large leaves and buffers {sorted(packed_state.small)}, but the "
+            f"parameters pack into {len(large)} and {sorted(totals)}"
+        )
+    return PackedTree(large, {g: buffer(n) for g, n in totals.items()})
+
+
+def leaf_dtype(leaf: Any) -> Any:
+    """The dtype of a leaf that may be a Python scalar."""
     dtype = getattr(leaf, "dtype", None)
     # result_type, not np.asarray: a Python float is float32 unless x64 is on.
     return jnp.result_type(leaf) if dtype is None else dtype
@@ -283,6 +322,6 @@ def packed(
             packed_params = layout.pack(param_leaves)
         new_updates, state = inner.update(packed_updates, state, packed_params, **extra_args)
         # The inner transform maps the packed tree to one of the same structure.
-        return treedef.unflatten(layout.unpack(cast(PackedTree, new_updates))), state
+        return treedef.unflatten(layout.unpack(cast(PackedTree, new_updates), leaves)), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from adamax_jax import _storage, _validation
+from adamax_jax import _explicit, _storage, _validation
 
 EpsPlacement = Literal["denominator", "max"]
 EPS_PLACEMENTS: tuple[str, ...] = ("denominator", "max")
@@ -226,20 +227,28 @@ def scale_by_adamax(
                     f"{tuple(g.shape)} but its moments have shapes {tuple(m_s.shape)} (m) "
                     f"and {tuple(u_s.shape)} (u)"
                 )
-            upd, m_new, u_new = _leaf_update(
+            step = functools.partial(
+                _leaf_update,
+                leaf=i,
+                b1=b1,
+                b2=b2,
+                eps=eps,
+                eps_in_max=eps_in_max,
+                bias_correction=bias_correction,
+                nesterov=nesterov,
+                lazy_rows=lazy_rows,
+                skip_nonfinite=skip_nonfinite,
+            )
+            # On a mesh with Explicit axes the update takes the gradient's layout and
+            # the new moments their old layout (ZeRO-split or beside the parameter).
+            upd, m_new, u_new = _explicit.run_as_auto(
+                step,
                 g,
                 m_s,
                 u_s,
                 count,
-                i,
-                b1,
-                b2,
-                eps,
-                eps_in_max,
-                bias_correction,
-                nesterov,
-                lazy_rows,
-                skip_nonfinite,
+                out_like=(g, m_s, u_s),
+                where=f"gradient {_validation.path_str(path)}",
             )
             new_updates.append(upd)
             new_m.append(m_new)
@@ -257,6 +266,7 @@ def _leaf_update(
     m_stored: Any,
     u_stored: Any,
     count: jax.Array,
+    *,
     leaf: int,
     b1: jax.typing.ArrayLike,
     b2: jax.typing.ArrayLike,

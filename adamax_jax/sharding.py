@@ -29,6 +29,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from adamax_jax import _packed
+
 __all__ = ["state_sharding"]
 
 _Axes = tuple[str, ...]
@@ -140,7 +142,10 @@ def state_sharding(
 
     param_leaves, param_treedef = jax.tree_util.tree_flatten_with_path(params)
     layouts = param_treedef.unflatten(
-        [_ParamLayout(_shape_of(p), _param_spec(path, p, mesh)) for path, p in param_leaves]
+        [
+            _ParamLayout(_shape_of(p), _packed.leaf_dtype(p), _param_spec(path, p, mesh))
+            for path, p in param_leaves
+        ]
     )
 
     def other_leaf(leaf: Any) -> NamedSharding:
@@ -172,6 +177,7 @@ class _ParamLayout:
     """A parameter's shape and partition spec (a pytree leaf: not registered)."""
 
     shape: tuple[int, ...]
+    dtype: Any
     spec: PartitionSpec
 
 
@@ -186,6 +192,14 @@ def _map_pieces(fn: Callable[[Any, _ParamLayout], Any], state: Any, layouts: Any
         return fn(state, layouts)
     if not jax.tree.leaves(state):
         return state
+    if isinstance(state, _packed.PackedTree) and not isinstance(layouts, _packed.PackedTree):
+        # ax.packed: large leaves keep their parameters' layout; a flat buffer of
+        # small leaves has no parameter to follow and is replicated (or ZeRO-split).
+        layouts = _packed.arrange_like_packed(
+            jax.tree.leaves(layouts),
+            state,
+            lambda size: _ParamLayout((size,), None, PartitionSpec()),
+        )
     state_children, state_node = _children(state)
     layout_children, layout_node = _children(layouts)
     if state_node != layout_node:
