@@ -68,6 +68,14 @@ def state_sharding(
     * Every other leaf (``count``, schedule states, and parameter-attached leaves
       of another shape, such as the per-block scales of 8-bit storage) is
       replicated, or with ``zero_axis`` split along it in the same way.
+    * State of :func:`adamax_jax.packed`: its large leaves follow their parameters
+      as above; a flat buffer of small leaves belongs to no single parameter, so
+      it is replicated, or with ``zero_axis`` split along it when the axis size
+      divides the buffer's length.
+
+    On a mesh with Explicit axes (``jax.make_mesh``'s default) the optimizer's
+    step needs no further help: it returns the update in the gradient's layout
+    and the state in the layout it was given (these shardings).
 
     XLA inserts the communication the layout implies: with ZeRO, a gradient is
     reduce-scattered to the moments' slices and the update all-gathered back to
