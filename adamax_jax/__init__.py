@@ -1,6 +1,10 @@
 """adamax_jax: the Adamax optimizer for JAX, as optax gradient transformations."""
 
-from adamax_jax import compat, sharding
+from adamax_jax import (
+    _export,  # noqa: F401  (registers the state types with jax.export)
+    compat,
+    sharding,
+)
 from adamax_jax._alias import adamax, adamaxw, nadamax
 from adamax_jax._packed import PackedTree, packed
 from adamax_jax._transform import AdamaxState, scale_by_adamax
