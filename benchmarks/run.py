@@ -6,19 +6,27 @@ Usage::
     python benchmarks/run.py --quick    # short run, under 2 minutes
     python benchmarks/run.py --sweep    # also: where packing small leaves stops paying
 
-Every optimizer is timed in the same process, interleaved: each repeat times a
-batch of steps of every optimizer in turn (in a rotating order, after a 30 ms pause
-that lets the previous runtime's spinning worker threads go idle), so drift in the
-machine's load hits all of them alike; the tables report the median over repeats.
+Every optimizer is timed in the same process, interleaved: each round times a
+batch of steps of every optimizer in turn, after a 30 ms pause that lets the
+previous runtime's spinning worker threads go idle, in an order that is rotated
+every round and reversed every other round, so drift in the machine's load and
+the position in the round hit all of them alike. Ratios to ``optax.adamax`` are
+paired: the median over rounds of each round's own ratio, with the interquartile
+range of those ratios as their spread (a ratio whose spread straddles 1 is no
+difference). The step times are the medians over rounds.
 JAX steps are ``jax.jit(step, donate_argnums=(params, state))``: without donation,
 XLA allocates fresh outputs every step, which on CPU is several times slower.
 PyTorch's step is ``torch.optim.Adamax(foreach=True).step()``.
 
 Adamax is memory-bound: a float32 step must read params, grads, m and u and
-write params, m and u, 28 bytes per parameter. The machine's limit is taken as
-the bandwidth of a NumPy copy (bytes read plus bytes written per second); each
-float32-state result is reported as the fraction of that limit it reaches
-(``28 B * n / time / copy bandwidth``) and as nanoseconds per parameter.
+write params, m and u, 28 bytes per parameter. The limit is measured with XLA
+itself, on all cores, in the same rounds: a jitted, donated ``p + c * g`` over
+the same tree (``optax.scale`` applied with ``optax.apply_updates``: 12 bytes per
+parameter). Each float32-state result is reported as the fraction of that
+bandwidth it reaches (``28 B * n / time`` over ``12 B * n / probe time``) and as
+nanoseconds per parameter. XLA on CPU writes ``m``, ``u`` and the parameters in
+separate loops that read the gradient and the new moments again (about 40 B
+moved per parameter, not 28), so about 0.7 is what an XLA step reaches here.
 
 ``--quick`` runs fewer repeats, leaves out the packed bf16/8-bit variants, and
 shrinks the two many-leaf cases from 1000 to 300 small leaves (XLA compiles one
@@ -55,6 +63,8 @@ ROOT = Path(__file__).resolve().parent.parent
 LR = 1e-3
 BYTES_PER_PARAM_F32 = 28  # read p, g, m, u; write p, m, u (4 bytes each)
 BASELINE = "optax.adamax"
+PROBE = "XLA p + c*g (bandwidth probe)"
+BYTES_PER_PARAM_PROBE = 12  # read p, g; write p
 
 
 # --------------------------------------------------------------------------- cases
@@ -142,6 +152,7 @@ def _bf16() -> dict[str, Any]:
 
 OPTIMIZERS = [
     Optimizer(BASELINE, lambda: optax.adamax(LR)),
+    Optimizer(PROBE, lambda: optax.scale(-LR), float32_state=False),
     Optimizer("optax.flatten(adamax)", lambda: optax.flatten(optax.adamax(LR))),
     Optimizer("torch Adamax foreach", None),
     Optimizer("adamax_jax", lambda: ax.adamax(LR)),
@@ -256,6 +267,7 @@ class Result:
     spread: float | None  # (p75 - p25) / median over repeats
     setup_s: float | None = None  # init + first (compiling) step
     note: str = ""
+    samples: list[float] | None = None  # seconds per step, one per round, in round order
 
 
 def _calibrate(runner: Any, target_s: float) -> int:
@@ -298,9 +310,12 @@ def bench_case(
     steps = {name: _calibrate(r, batch_s) for name, r in runners.items()}
     times: dict[str, list[float]] = {name: [] for name in runners}
     for rep in range(repeats):
-        # Rotate the order so no optimizer always runs right after the same one.
+        # Rotate the order so no optimizer always runs right after the same one, and
+        # reverse it every other round so none always runs early in a round.
         names = list(runners)
         names = names[rep % len(names) :] + names[: rep % len(names)]
+        if rep % 2:
+            names.reverse()
         for name in names:
             # Let the previous runtime's spinning worker threads go idle first: JAX's
             # and PyTorch's thread pools otherwise compete for the cores.
@@ -317,7 +332,9 @@ def bench_case(
             med = statistics.median(ts)
             q25, q75 = np.percentile(ts, [25, 75])
             spread = float((q75 - q25) / med)
-            results.append(Result(**common, seconds=med, spread=spread, setup_s=setup[opt.name]))
+            results.append(
+                Result(**common, seconds=med, spread=spread, setup_s=setup[opt.name], samples=ts)
+            )
         else:
             note = notes.get(opt.name, "n/a")
             log(f"  {opt.name}: {note}")
@@ -363,11 +380,35 @@ def _by(results: list[Result]) -> dict[tuple[str, str], Result]:
     return {(r.case, r.optimizer): r for r in results}
 
 
-def _ratio(table: dict[tuple[str, str], Result], case: str, a: str, b: str) -> float | None:
+def _paired(table: dict[tuple[str, str], Result], case: str, a: str, b: str) -> list[float] | None:
+    """``a``'s time over ``b``'s, round by round (or of the medians, for old results)."""
     ra, rb = table.get((case, a)), table.get((case, b))
     if ra is None or rb is None or ra.seconds is None or rb.seconds is None:
         return None
-    return ra.seconds / rb.seconds
+    if ra.samples and rb.samples and len(ra.samples) == len(rb.samples):
+        return [x / y for x, y in zip(ra.samples, rb.samples, strict=True)]
+    return [ra.seconds / rb.seconds]
+
+
+def _ratio(table: dict[tuple[str, str], Result], case: str, a: str, b: str) -> float | None:
+    """The median of the paired, round-by-round ratios of ``a`` to ``b``."""
+    ratios = _paired(table, case, a, b)
+    return None if ratios is None else float(statistics.median(ratios))
+
+
+def _ratio_spread(table: dict[tuple[str, str], Result], case: str, a: str, b: str) -> float:
+    """The interquartile range of the paired ratios."""
+    ratios = _paired(table, case, a, b) or [0.0]
+    q25, q75 = np.percentile(ratios, [25, 75])
+    return float(q75 - q25)
+
+
+def limit_fraction(table: dict[tuple[str, str], Result], r: Result) -> float | None:
+    """Bytes a float32 step moves per second over the bandwidth probe's, in the same rounds."""
+    probe = _ratio(table, r.case, PROBE, r.optimizer)  # probe time / step time, paired
+    if probe is None:
+        return None
+    return BYTES_PER_PARAM_F32 / BYTES_PER_PARAM_PROBE * probe
 
 
 def target_checks(results: list[Result], bandwidth: float) -> list[tuple[str, float | None, str]]:
@@ -387,10 +428,10 @@ def target_checks(results: list[Result], bandwidth: float) -> list[tuple[str, fl
         lambda v: v <= 1.0,
     )
     r = t.get(("16M", "adamax_jax"))
-    frac = None
-    if r is not None and r.seconds is not None:
-        frac = BYTES_PER_PARAM_F32 * r.n_params / r.seconds / bandwidth
-    add(f"{big}: adamax_jax, fraction of the copy-bandwidth limit >= 0.9", frac, lambda v: v >= 0.9)
+    frac = None if r is None or r.seconds is None else limit_fraction(t, r)
+    add(
+        f"{big}: adamax_jax, fraction of XLA's streaming bandwidth >= 0.9", frac, lambda v: v >= 0.9
+    )
     add(
         f"{big}: adamax_jax / torch foreach < 1.0",
         _ratio(t, "16M", "adamax_jax", "torch Adamax foreach"),
@@ -452,28 +493,33 @@ def markdown(
     def time_cell(c: str, name: str) -> str:
         def fmt(r: Result) -> str:
             ratio = _ratio(t, c, name, BASELINE)
-            return f"{r.seconds * 1e3:.2f} ({ratio:.2f}x)" if ratio else f"{r.seconds * 1e3:.2f}"
+            if ratio is None:
+                return f"{r.seconds * 1e3:.2f}"
+            spread = _ratio_spread(t, c, name, BASELINE)
+            return f"{r.seconds * 1e3:.2f} ({ratio:.2f}x ± {spread / 2:.2f})"
 
         return cell(c, name, fmt)
 
     def bw_cell(c: str, name: str) -> str:
         def fmt(r: Result) -> str:
-            frac = BYTES_PER_PARAM_F32 * r.n_params / r.seconds / bandwidth
-            return f"{r.seconds / r.n_params * 1e9:.2f} ns ({frac:.2f})"
+            frac = limit_fraction(t, r)
+            shown = "n/a" if frac is None else f"{frac:.2f}"
+            return f"{r.seconds / r.n_params * 1e9:.2f} ns ({shown})"
 
         return cell(c, name, fmt)
 
     lines = [
-        f"Step time in ms (median of {meta['repeats']} interleaved repeats) and, in brackets, "
-        f"its ratio to `{BASELINE}` in the same run; lower is faster. {meta['machine']}. "
+        f"Step time in ms (median of {meta['repeats']} interleaved rounds) and, in brackets, "
+        f"its ratio to `{BASELINE}`: the median of the rounds' paired ratios ± half their "
+        f"interquartile range; lower is faster. {meta['machine']}. "
         f"Command: `{meta['command']}`.",
         "",
         *_table(header, [[o.name, *(time_cell(c, o.name) for c in cases)] for o in shown]),
         "",
-        "Float32 state: nanoseconds per parameter and, in brackets, the fraction of the "
-        f"copy-bandwidth limit reached ({BYTES_PER_PARAM_F32} B/param at the NumPy copy "
-        f"bandwidth of {bandwidth / 1e9:.1f} GB/s; above 1 where XLA's two threads beat "
-        "NumPy's one).",
+        "Float32 state: nanoseconds per parameter and, in brackets, the fraction of XLA's "
+        f"streaming bandwidth reached ({BYTES_PER_PARAM_F32} B/param per step against "
+        f"`{PROBE}` at {BYTES_PER_PARAM_PROBE} B/param, timed in the same rounds; a "
+        f"single-threaded NumPy copy moves {bandwidth / 1e9:.1f} GB/s here).",
         "",
         *_table(
             header,
@@ -565,14 +611,14 @@ def print_table(results: list[Result], bandwidth: float) -> None:
         rows = [r for r in results if r.case == case]
         n = rows[0].n_params
         print(f"\n{rows[0].case_name}: {n:,} params in {rows[0].n_leaves} leaves")
-        head = ("ms/step", 9), ("ns/param", 10), ("x optax", 9), ("of limit", 9), ("IQR", 7)
+        head = ("ms/step", 9), ("ns/param", 10), ("x optax", 9), ("of probe", 9), ("IQR", 7)
         print(f"  {'optimizer':<26}" + "".join(f"{h:>{w}}" for h, w in head) + "  set-up s")
         for r in rows:
             if r.seconds is None:
                 print(f"  {r.optimizer:<26}{'n/a':>9}")
                 continue
             ratio = _ratio(t, case, r.optimizer, BASELINE) or float("nan")
-            frac = BYTES_PER_PARAM_F32 * n / r.seconds / bandwidth
+            frac = (r.optimizer != PROBE and limit_fraction(t, r)) or float("nan")
             print(
                 f"  {r.optimizer:<26}{r.seconds * 1e3:>9.3f}{r.seconds / n * 1e9:>10.3f}"
                 f"{ratio:>9.2f}{frac:>9.2f}{r.spread:>7.1%}{r.setup_s:>10.1f}"
