@@ -112,7 +112,8 @@ def write(value: jax.Array, like: Any, moment: Moment, *, step: jax.Array, leaf:
         return value.astype(dtype)
     salt = (leaf * 0x27D4EB2F + _MOMENT_SALT[moment]) & 0xFFFFFFFF
     bits = _quantize.dither_bits(tuple(value.shape), step, salt)
-    x = value.astype(jnp.float32)
+    # The rounding works on bit patterns; straight_through (below) supplies its derivative.
+    x = jax.lax.stop_gradient(value).astype(jnp.float32)
     if dtype == jnp.bfloat16:
         stored = _dithered_round_bf16(x, bits)
     else:
@@ -122,7 +123,50 @@ def write(value: jax.Array, like: Any, moment: Moment, *, step: jax.Array, leaf:
         # A positive u that rounded to zero would turn the next step into m / eps.
         tiny = jnp.asarray(jnp.finfo(dtype).smallest_subnormal, dtype)
         stored = jnp.where((value > 0) & (stored == 0), tiny, stored)
-    return stored
+    return straight_through(value, stored)
+
+
+@jax.custom_jvp
+def _refuse_derivative(x: jax.Array) -> jax.Array:
+    """``x``; differentiating through it is a TypeError that says why and what to do.
+
+    8-bit moments are stored as integer codes, which carry no derivative. Without
+    this, ``jax.grad`` through unrolled steps would silently see only the part of
+    the state that flows through the float32 block scales.
+    """
+    return x
+
+
+@_refuse_derivative.defjvp
+def _refuse_derivative_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]) -> Any:
+    raise TypeError(
+        "adamax_jax: cannot differentiate through state_bits=8 state: its moments are "
+        "integer codes, which carry no derivative. To differentiate through optimizer "
+        "steps (meta-learning, learned learning rates), use float32 or bfloat16 moments "
+        "(m_dtype=u_dtype=jnp.bfloat16 is differentiated straight through its rounding)"
+    )
+
+
+@jax.custom_jvp
+def straight_through(exact: jax.Array, rounded: jax.Array) -> jax.Array:
+    """``rounded``, differentiated as if it were ``exact`` (cast to its dtype).
+
+    The dithered rounding works on bit patterns, which carry no derivative: without
+    this, ``jax.grad`` through unrolled steps with bfloat16 or float16 moments would
+    see every earlier gradient's influence on the state as exactly zero. Storing and
+    reading back a moment is the identity up to rounding, so its derivative is taken
+    to be the identity (the straight-through estimator).
+    """
+    del exact
+    return rounded
+
+
+@straight_through.defjvp
+def _straight_through_jvp(
+    primals: tuple[jax.Array, jax.Array], tangents: tuple[jax.Array, jax.Array]
+) -> tuple[jax.Array, jax.Array]:
+    exact, rounded = primals
+    return straight_through(exact, rounded), tangents[0].astype(rounded.dtype)
 
 
 def write_moments(
@@ -147,6 +191,7 @@ def write_moments(
     leaf) is False where the step kept the previous ``m`` and ``u``.
     """
     if isinstance(u_like, _quantize.QuantizedU):
+        m, u = _refuse_derivative(m), _refuse_derivative(u)
         return _quantize.write(
             m,
             u,
@@ -169,8 +214,9 @@ def write_moments(
         # So m is kept inside the bound where the exponent range is that short.
         limit = _quantize.ratio_bound(b1, b2, step) * u_stored.astype(jnp.float32)
         over = jnp.abs(m_stored.astype(jnp.float32)) > limit
-        capped = _round_toward_zero(jnp.sign(m.astype(jnp.float32)) * limit, m_stored.dtype)
-        m_stored = jnp.where(over, capped, m_stored)
+        bound = jnp.sign(m.astype(jnp.float32)) * limit
+        capped = _round_toward_zero(jax.lax.stop_gradient(bound), m_stored.dtype)
+        m_stored = jnp.where(over, straight_through(m, capped), m_stored)
     return m_stored, u_stored
 
 

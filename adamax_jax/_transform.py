@@ -98,6 +98,11 @@ def scale_by_adamax(
     ``state_bits`` and ``block_size`` in ``static_args`` of
     ``optax.inject_hyperparams``, and dtypes as strings (``m_dtype="bfloat16"``).
 
+    Differentiating through ``update`` (meta-learning) works with float moments:
+    narrow ones are differentiated straight through their rounding. 8-bit moments
+    are integer codes, with no derivative: ``jax.grad`` through them is a
+    ``TypeError``.
+
     Args:
       b1: Decay rate of the first moment, in ``[0, 1)``.
       b2: Decay rate of the infinity norm, in ``[0, 1]``.
