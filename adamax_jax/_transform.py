@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adamax_jax import _explicit, _storage, _validation
+from adamax_jax import _explicit, _storage, _validation, _wrapped
 
 EpsPlacement = Literal["denominator", "max"]
 EPS_PLACEMENTS: tuple[str, ...] = ("denominator", "max")
@@ -196,12 +196,17 @@ def scale_by_adamax(
             dtype = _storage.real_dtype(jnp.result_type(p)) if u_dtype is None else u_dtype
             return _storage.zeros(p, dtype, "u", state_bits=state_bits, block_size=block_size)
 
+        def per_leaf(zeros_fn: Any) -> Any:
+            # A framework's wrapper around a parameter (an nnx Variable) goes around
+            # the parameter-shaped array of its state, not around an 8-bit moment.
+            return lambda p: _wrapped.wrap_like(p, zeros_fn(_wrapped.unwrap(p)))
+
         # Param-shaped state only through tree.map over params, so that
         # optax.tree_utils.tree_map_params can locate it.
         return AdamaxState(
             count=jnp.zeros([], jnp.int32),
-            m=jax.tree.map(m_zeros, params),
-            u=jax.tree.map(u_zeros, params),
+            m=jax.tree.map(per_leaf(m_zeros), params, is_leaf=_wrapped.is_wrapped),
+            u=jax.tree.map(per_leaf(u_zeros), params, is_leaf=_wrapped.is_wrapped),
         )
 
     def update_fn(
@@ -215,17 +220,19 @@ def scale_by_adamax(
                 "as plain dicts and lists: restore it onto jax.eval_shape(opt.init, params)"
             )
         _validation.check_float_leaves(updates, "gradient")
-        treedef = jax.tree.structure(updates)
-        paths_and_grads = jax.tree_util.tree_leaves_with_path(updates)
+        # Wrapped parameters (nnx Variables) are leaves here: see _wrapped.
+        treedef = jax.tree.structure(updates, is_leaf=_wrapped.is_wrapped)
+        paths_and_slots = jax.tree_util.tree_leaves_with_path(updates, is_leaf=_wrapped.is_wrapped)
         m_leaves = _validation.flatten_like(updates, state.m, "state.m")
         u_leaves = _validation.flatten_like(updates, state.u, "state.u")
         count = jnp.asarray(optax.safe_increment(state.count))  # saturates at int32 max
 
         new_updates, new_m, new_u = [], [], []
-        for i, ((path, g), m_s, u_s) in enumerate(
-            zip(paths_and_grads, m_leaves, u_leaves, strict=True)
+        for i, ((path, slot), m_slot, u_slot) in enumerate(
+            zip(paths_and_slots, m_leaves, u_leaves, strict=True)
         ):
-            g = jnp.asarray(g)  # a leaf may be a Python float
+            g = jnp.asarray(_wrapped.unwrap(slot))  # a leaf may be a Python float
+            m_s, u_s = _wrapped.unwrap(m_slot), _wrapped.unwrap(u_slot)
             if tuple(g.shape) != tuple(m_s.shape) or tuple(g.shape) != tuple(u_s.shape):
                 raise ValueError(
                     f"adamax_jax: gradient {_validation.path_str(path)} has shape "
@@ -255,9 +262,9 @@ def scale_by_adamax(
                 out_like=(g, m_s, u_s),
                 where=f"gradient {_validation.path_str(path)}",
             )
-            new_updates.append(upd)
-            new_m.append(m_new)
-            new_u.append(u_new)
+            new_updates.append(_wrapped.wrap_like(slot, upd))
+            new_m.append(_wrapped.wrap_like(slot, m_new))
+            new_u.append(_wrapped.wrap_like(slot, u_new))
 
         return treedef.unflatten(new_updates), AdamaxState(
             count=count, m=treedef.unflatten(new_m), u=treedef.unflatten(new_u)

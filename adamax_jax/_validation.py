@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.core import Tracer
 
+from adamax_jax import _wrapped
+
 # The step is computed in at least float32, so a bound that a Python float keeps
 # may be lost after rounding (b1 = 1 - 1e-8 is 1.0 in float32: 1 / (1 - b1**t) = inf).
 _COMPUTE_FLOAT = np.float32
@@ -142,11 +144,14 @@ def flatten_like(
 ) -> list[Any]:
     """Flattens ``state_tree`` up to the structure of ``updates``, naming a mismatch.
 
+    A wrapped leaf of ``updates`` (an nnx Variable, see :mod:`adamax_jax._wrapped`)
+    counts as one leaf: its state may hold the wrapper inside a node of its own.
+
     Raises:
       ValueError: If the trees differ, naming the first leaf path found in one tree
         but not the other (or, when the paths agree, the differing containers).
     """
-    treedef = jax.tree.structure(updates)
+    treedef = jax.tree.structure(updates, is_leaf=_wrapped.is_wrapped)
     try:
         return treedef.flatten_up_to(state_tree)
     except (ValueError, TypeError):
@@ -161,7 +166,9 @@ def flatten_like(
 def _first_difference(
     updates: Any, state_tree: Any, what: str, is_leaf: Callable[[Any], bool] | None
 ) -> str:
-    upaths = [p for p, _ in jax.tree_util.tree_leaves_with_path(updates)]
+    upaths = [
+        p for p, _ in jax.tree_util.tree_leaves_with_path(updates, is_leaf=_wrapped.is_wrapped)
+    ]
     spaths = [p for p, _ in jax.tree_util.tree_leaves_with_path(state_tree, is_leaf=is_leaf)]
     # A state leaf belongs to a gradient leaf whose path is a prefix of its own: a
     # compactly stored moment (8-bit codes and scales) sits below the parameter's path.
