@@ -131,8 +131,12 @@ def scale_by_adamax(
           round-off, with Nesterov, either eps placement and a learning-rate
           schedule). What differs from dense is the parameters of skipped rows,
           which miss the momentum steps dense Adamax takes while they have no
-          gradient. It costs one ``int32`` per row (4 bytes; see
-          :class:`AdamaxState`). ``b1`` and ``b2`` that change over time
+          gradient: on a Zipfian bag-of-embeddings model
+          (``benchmarks/lazy_rows.py``) that made it train worse than dense and
+          ``"freeze"`` with ``b1=0.9``, while with ``b1=0`` it trains exactly like
+          dense Adamax (the how-to "Embedding tables" has the numbers). It costs
+          one ``int32`` per row (4 bytes; see :class:`AdamaxState`). ``b1`` and
+          ``b2`` that change over time
           (``optax.inject_hyperparams``) decay all the skipped steps with the
           values of the step that catches up. With ``state_bits=8`` the steps
           are kept per group of rows that fills whole blocks (one row when the
