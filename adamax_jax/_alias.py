@@ -9,6 +9,7 @@ import jax
 import optax
 
 from adamax_jax import _validation
+from adamax_jax._lazy import LazyRows
 from adamax_jax._transform import EpsPlacement, scale_by_adamax
 
 
@@ -23,7 +24,7 @@ def adamax(
     m_dtype: Any = None,
     u_dtype: Any = None,
     nesterov: bool = False,
-    lazy_rows: bool = False,
+    lazy_rows: LazyRows = False,
     skip_nonfinite: bool = False,
     state_bits: int | None = None,
     block_size: int = 256,
@@ -111,7 +112,7 @@ def adamaxw(
     m_dtype: Any = None,
     u_dtype: Any = None,
     nesterov: bool = False,
-    lazy_rows: bool = False,
+    lazy_rows: LazyRows = False,
     skip_nonfinite: bool = False,
     state_bits: int | None = None,
     block_size: int = 256,
@@ -192,7 +193,7 @@ def nadamax(
     bias_correction: bool = True,
     m_dtype: Any = None,
     u_dtype: Any = None,
-    lazy_rows: bool = False,
+    lazy_rows: LazyRows = False,
     skip_nonfinite: bool = False,
     state_bits: int | None = None,
     block_size: int = 256,

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adamax_jax import _explicit, _storage, _validation, _wrapped
+from adamax_jax import _explicit, _lazy, _storage, _validation, _wrapped
 
 EpsPlacement = Literal["denominator", "max"]
 EPS_PLACEMENTS: tuple[str, ...] = ("denominator", "max")
@@ -23,7 +23,10 @@ class AdamaxState(NamedTuple):
         at the int32 maximum instead of wrapping.
       m: Exponential moving average of the gradients, a tree like the parameters.
       u: Exponentially weighted infinity norm of the gradients, a tree like the
-        parameters (real-valued, and never negative).
+        parameters (real-valued, and never negative). With
+        ``lazy_rows="catch_up"`` each leaf is an ``adamax_jax._lazy.StampedRows``
+        node ``(moment, last_step)``: the stored ``u`` and the ``int32`` step
+        each row was last brought up to date at.
     """
 
     # Named like tuple.count, as in optax's own states.
@@ -42,7 +45,7 @@ def scale_by_adamax(
     m_dtype: Any = None,
     u_dtype: Any = None,
     nesterov: bool = False,
-    lazy_rows: bool = False,
+    lazy_rows: _lazy.LazyRows = False,
     skip_nonfinite: bool = False,
     state_bits: int | None = None,
     block_size: int = 256,
@@ -114,16 +117,44 @@ def scale_by_adamax(
       m_dtype: Dtype to store ``m`` in; ``None`` keeps each parameter's dtype.
       u_dtype: Dtype to store ``u`` in; ``None`` keeps each parameter's (real) dtype.
       nesterov: Use the Nesterov (NAdam-style) numerator; see :func:`nadamax`.
-      lazy_rows: Leave rows whose gradient is entirely zero untouched: their ``m``
-        and ``u`` keep their values and their update is zero. A row is a slice
-        along axis 0 (an element, for a 1-D leaf). This is TensorFlow's sparse
-        (embedding) semantics: a token absent from a batch does not decay its
-        moments or move. Use it for embedding tables trained on sparse lookups;
-        leave it off for dense layers, where a zero gradient row is information.
+      lazy_rows: What rows whose gradient is entirely zero do, for embedding
+        tables trained on sparse lookups. A row is a slice along axis 0 (an
+        element of a 1-D leaf; a 0-d leaf is one row). Such a row's update is
+        zero with either lazy mode; leave it ``False`` for dense layers, where a
+        zero gradient row is information.
+
+        * ``False``: dense Adamax, every row steps.
+        * ``True``, also spelled ``"freeze"``: TensorFlow's legacy sparse
+          semantics. The row's ``m`` and ``u`` keep their values, so a rare row
+          keeps the ``u`` of its last large gradient and its old momentum at full
+          strength for its next touch.
+        * ``"catch_up"``: lazy, but exact where it steps. With a zero gradient
+          the moments evolve in closed form, so a row skipped for ``k`` steps
+          gets :math:`m \leftarrow \beta_1^k m`, :math:`u \leftarrow \beta_2^k u`
+          (:math:`\max(\beta_2^k u, \epsilon)` with ``eps_placement="max"``)
+          when it is next touched, before that step: every touched row's ``m``,
+          ``u`` and update equal dense Adamax's on the same gradients (to float32
+          round-off, with Nesterov, either eps placement and a learning-rate
+          schedule). What differs from dense is the parameters of skipped rows,
+          which miss the momentum steps dense Adamax takes while they have no
+          gradient: on a Zipfian bag-of-embeddings model
+          (``benchmarks/lazy_rows.py``) that made it train worse than dense and
+          ``"freeze"`` with ``b1=0.9``, while with ``b1=0`` it trains exactly like
+          dense Adamax (the how-to "Embedding tables" has the numbers). It costs
+          one ``int32`` per row (4 bytes; see :class:`AdamaxState`). ``b1`` and
+          ``b2`` that change over time
+          (``optax.inject_hyperparams``) decay all the skipped steps with the
+          values of the step that catches up. With ``state_bits=8`` the steps
+          are kept per group of rows that fills whole blocks (one row when the
+          row length is a multiple of ``block_size``); a touched row brings its
+          whole group up to date (the rows without gradient by the dense step on
+          a zero gradient, without moving), so the state stays dense Adamax's.
+
         Decoupled weight decay chained after this transform (``adamaxw``) still
-        acts on every row, as in Keras. With ``state_bits=8`` an untouched row that
-        shares a block with touched rows decays its stored ``u`` and ``m`` with
-        the block's scale, which keeps its ratio ``m / u`` (its next step).
+        acts on every row, as in Keras. With ``lazy_rows=True`` and
+        ``state_bits=8`` an untouched row that shares a block with touched rows
+        decays its stored ``u`` and ``m`` with the block's scale, which keeps its
+        ratio ``m / u`` (its next step).
       skip_nonfinite: Leave elements whose gradient is NaN or infinite untouched:
         their ``m`` and ``u`` keep their values and this transform's update is
         zero there (decoupled weight decay chained after it still applies), while
@@ -143,11 +174,13 @@ def scale_by_adamax(
 
     Raises:
       ValueError: At construction, for a concrete hyperparameter out of range, an
-        unknown ``eps_placement``, ``state_bits`` other than None or 8, or a
-        ``block_size`` that is not a positive power of two; at update, for
-        gradients whose tree or shapes do not match the state.
+        unknown ``eps_placement`` or ``lazy_rows`` string, ``state_bits`` other
+        than None or 8, or a ``block_size`` that is not a positive power of two;
+        at update, for gradients whose tree or shapes do not match the state, or
+        a state made with another ``lazy_rows="catch_up"`` setting.
       TypeError: At ``init``/``update``, for integer or boolean leaves, and for a
-        non-floating ``m_dtype``/``u_dtype``; at construction, for a
+        non-floating ``m_dtype``/``u_dtype``; at construction, for a ``lazy_rows``
+        that is neither a bool nor a string, or a
         ``state_bits``/``block_size`` that is not a Python int (as
         ``optax.inject_hyperparams`` makes them unless they are static).
         At ``update``, for a state that is not an :class:`AdamaxState` (such as a
@@ -178,6 +211,7 @@ def scale_by_adamax(
     m_dtype = _validation.check_dtype_option("m_dtype", m_dtype)
     u_dtype = _validation.check_dtype_option("u_dtype", u_dtype)
     _storage.check_state_options(state_bits, block_size)
+    lazy_mode = _lazy.check_mode(lazy_rows)
     eps_in_max = eps_placement == "max"
 
     def init_fn(params: optax.Params) -> AdamaxState:
@@ -194,7 +228,8 @@ def scale_by_adamax(
 
         def u_zeros(p: Any) -> Any:
             dtype = _storage.real_dtype(jnp.result_type(p)) if u_dtype is None else u_dtype
-            return _storage.zeros(p, dtype, "u", state_bits=state_bits, block_size=block_size)
+            u = _storage.zeros(p, dtype, "u", state_bits=state_bits, block_size=block_size)
+            return _lazy.zeros(p, u) if lazy_mode == "catch_up" else u
 
         def per_leaf(zeros_fn: Any) -> Any:
             # A framework's wrapper around a parameter (an nnx Variable) goes around
@@ -239,6 +274,14 @@ def scale_by_adamax(
                     f"{tuple(g.shape)} but its moments have shapes {tuple(m_s.shape)} (m) "
                     f"and {tuple(u_s.shape)} (u)"
                 )
+            if isinstance(u_s, _lazy.StampedRows) != (lazy_mode == "catch_up"):
+                raise ValueError(
+                    f"adamax_jax: state.u of {_validation.path_str(path)} was made "
+                    + ("without" if lazy_mode == "catch_up" else "with")
+                    + ' lazy_rows="catch_up" (which keeps the step each row was last '
+                    f"touched at), but this optimizer has lazy_rows={lazy_rows!r}; "
+                    "make the state with init of the same configuration"
+                )
             step = functools.partial(
                 _leaf_update,
                 leaf=i,
@@ -248,7 +291,7 @@ def scale_by_adamax(
                 eps_in_max=eps_in_max,
                 bias_correction=bias_correction,
                 nesterov=nesterov,
-                lazy_rows=lazy_rows,
+                lazy_rows=lazy_mode,
                 skip_nonfinite=skip_nonfinite,
             )
             # On a mesh with Explicit axes the update takes the gradient's layout and
@@ -286,7 +329,7 @@ def _leaf_update(
     eps_in_max: bool,
     bias_correction: bool,
     nesterov: bool,
-    lazy_rows: bool,
+    lazy_rows: _lazy.Mode,
     skip_nonfinite: bool,
 ) -> tuple[jax.Array, Any, Any]:
     """One leaf's step, in the compute dtype. Returns the update and the stored m, u."""
@@ -300,7 +343,34 @@ def _leaf_update(
     eps = jnp.real(jnp.asarray(eps)).astype(rdt)
 
     gc = g.astype(cdt)
+    last_step = None
+    if isinstance(u_stored, _lazy.StampedRows):
+        u_stored, last_step = u_stored.moment, u_stored.last_step
     m_prev, u_prev = _storage.read_moments(m_stored, u_stored, cdt, rdt)
+
+    # Rows without gradient (lazy_rows) keep their state and take no step. With
+    # "catch_up", the rows this step brings up to date first get the decay of the
+    # steps they skipped; with 8-bit state those are whole groups of rows (see
+    # _lazy), of which only the rows with gradient step.
+    touched = stepped = None
+    if lazy_rows is not None:
+        touched = _lazy.rows_with_gradient(gc)
+        if last_step is not None:  # lazy_rows == "catch_up"
+            rows_per_stamp = _lazy.group_rows(gc.shape, u_stored)
+            caught = _lazy.catch_up(
+                touched,
+                last_step,
+                m_prev,
+                u_prev,
+                count=count,
+                b1=b1,
+                b2=b2,
+                floor=eps if eps_in_max else None,
+                rows_per_stamp=rows_per_stamp,
+            )
+            m_prev, u_prev, last_step = caught.m, caught.u, caught.last_step
+            if rows_per_stamp > 1:
+                touched, stepped = caught.advanced, touched
 
     m = b1 * m_prev + (1 - b1) * gc
     abs_g = jnp.abs(gc)
@@ -312,10 +382,6 @@ def _leaf_update(
     # before the division: selecting them after it makes XLA copy the donated state
     # buffers (measured 5x slower on a 16M leaf).
     finite = jnp.isfinite(gc) if skip_nonfinite else None
-    touched = None
-    if lazy_rows:
-        touched = gc != 0 if gc.ndim <= 1 else jnp.any(gc != 0, axis=tuple(range(1, gc.ndim)))
-        touched = touched.reshape(touched.shape + (1,) * (gc.ndim - touched.ndim))
     if finite is not None:
         touched = finite if touched is None else touched & finite
     if touched is not None:
@@ -345,6 +411,8 @@ def _leaf_update(
     upd = jnp.where(zero, 0, upd)
     if touched is not None:
         upd = jnp.where(touched, upd, 0)
+    if stepped is not None:
+        upd = jnp.where(stepped, upd, 0)
 
     m_new, u_new = _storage.write_moments(
         m,
@@ -360,4 +428,6 @@ def _leaf_update(
         grad=gc if finite is None else jnp.where(finite, gc, 0),
         floor=floor,
     )
+    if last_step is not None:
+        u_new = _lazy.StampedRows(u_new, last_step)
     return upd.astype(g.dtype), m_new, u_new

@@ -27,7 +27,7 @@ from typing import Any
 import jax
 from jax.core import Tracer
 
-from adamax_jax import _quantize
+from adamax_jax import _lazy, _quantize
 
 
 def is_wrapped(x: Any) -> bool:
@@ -62,6 +62,8 @@ def wrap_like(slot: Any, stored: Any) -> Any:
     def wrap(array: Any) -> Any:
         return jax.tree.map(lambda _: array, slot)
 
+    if isinstance(stored, _lazy.StampedRows):  # the row stamps are not parameter-shaped
+        return dataclasses.replace(stored, moment=wrap_like(slot, stored.moment))
     if isinstance(stored, _quantize.QuantizedM | _quantize.QuantizedU):
         return dataclasses.replace(stored, codes=wrap(stored.codes))
     return wrap(stored)

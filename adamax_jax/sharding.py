@@ -65,6 +65,12 @@ def state_sharding(
       moments still line up under explicit sharding. Leaves with no such
       dimension (scalars, dimensions that are small, odd-sized or already
       sharded) keep the parameter's spec.
+    * A parameter-attached vector with one entry per row of a parameter of two
+      or more dimensions (its shape is the parameter's first dimension, such as
+      the step each row was last touched at with ``lazy_rows="catch_up"``) takes
+      the spec of the parameter's first dimension, ZeRO split included. (So do
+      the 8-bit block scales of a parameter whose rows are one block each: the
+      layout of their blocks.)
     * Every other leaf (``count``, schedule states, and parameter-attached leaves
       of another shape, such as the per-block scales of 8-bit storage) is
       replicated, or with ``zero_axis`` split along it in the same way.
@@ -163,9 +169,14 @@ def state_sharding(
         # One parameter's piece of state: an array, or a node of arrays for compact
         # storage, whose leaves of another shape cannot follow the parameter's spec.
         def leaf_sharding(leaf: Any) -> NamedSharding:
-            if _shape_of(leaf) != layout.shape:
-                return other_leaf(leaf)
-            return NamedSharding(mesh, _zero_split(layout.spec, layout.shape, zero_axes, mesh))
+            shape = _shape_of(leaf)
+            spec = _zero_split(layout.spec, layout.shape, zero_axes, mesh)
+            if shape == layout.shape:
+                return NamedSharding(mesh, spec)
+            if len(layout.shape) > 1 and shape == layout.shape[:1]:
+                # One value per row (lazy_rows="catch_up"): laid out like axis 0.
+                return NamedSharding(mesh, PartitionSpec(*[e for e in spec[:1] if e is not None]))
+            return other_leaf(leaf)
 
         return jax.tree.map(leaf_sharding, piece)
 

@@ -23,8 +23,13 @@ def adamax_update(
     *,
     eps_placement: str = "denominator",
     bias_correction: bool = True,
+    nesterov: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One Adamax step at step number ``t`` (1-based); returns (params, m, u)."""
+    """One Adamax step at step number ``t`` (1-based); returns (params, m, u).
+
+    ``nesterov=True`` takes the NAdam-form numerator (Dozat 2016, as in optax.nadam):
+    ``b1 m_t / (1 - b1**(t+1)) + (1 - b1) g_t / (1 - b1**t)``.
+    """
     params, grads, m, u = (np.asarray(x, np.float64) for x in (params, grads, m, u))
     m = beta1 * m + (1.0 - beta1) * grads
     if eps_placement == "max":
@@ -33,7 +38,12 @@ def adamax_update(
     else:
         u = np.maximum(beta2 * u, np.abs(grads))
         denom = u + epsilon
-    m_hat = m / (1.0 - beta1**t) if bias_correction else m
+    if nesterov and bias_correction:
+        m_hat = beta1 * m / (1.0 - beta1 ** (t + 1)) + (1.0 - beta1) * grads / (1.0 - beta1**t)
+    elif nesterov:
+        m_hat = beta1 * m + (1.0 - beta1) * grads
+    else:
+        m_hat = m / (1.0 - beta1**t) if bias_correction else m
     with np.errstate(divide="ignore", invalid="ignore"):
         step = np.where(denom > 0, m_hat / np.where(denom > 0, denom, 1.0), 0.0)
     return params - lr * step, m, u

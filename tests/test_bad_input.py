@@ -246,6 +246,37 @@ def test_bad_options_are_refused(kwargs, error, message):
         ax.adamax(**kwargs)
 
 
+@pytest.mark.parametrize("name", list(CONSTRUCTORS))
+@pytest.mark.parametrize(
+    ("value", "error", "message"),
+    [
+        ("lazy", ValueError, "got the string 'lazy'"),
+        ("catchup", ValueError, "got the string 'catchup'"),
+        ("", ValueError, "got the string ''"),
+        (1, TypeError, "got int 1"),
+        (None, TypeError, "got NoneType None"),
+        (0.0, TypeError, "got float 0.0"),
+    ],
+)
+def test_lazy_rows_must_be_a_bool_or_a_known_string(name, value, error, message):
+    if name == "inject_hyperparams":
+        # Constructed at init; numbers arrive there as arrays, so the type is not named.
+        tx = CONSTRUCTORS[name](lazy_rows=value)
+        with pytest.raises(error, match=_msg("lazy_rows must be False, True", "catch_up")):
+            tx.init(jnp.ones(2))
+        return
+    with pytest.raises(error, match=_msg("lazy_rows must be False, True", "catch_up", message)):
+        CONSTRUCTORS[name](lazy_rows=value)
+
+
+@pytest.mark.parametrize(("made_with", "used_with"), [("catch_up", True), (False, "catch_up")])
+def test_a_state_of_another_lazy_rows_mode_is_refused(made_with, used_with):
+    params = {"emb": jnp.ones((4, 2))}
+    state = ax.adamax(lazy_rows=made_with).init(params)
+    with pytest.raises(ValueError, match=_msg("['emb']", 'lazy_rows="catch_up"', "init")):
+        ax.adamax(lazy_rows=used_with).update(params, state)
+
+
 def test_traced_hyperparameters_pass_unchecked_into_inject_hyperparams():
     """Under jit the values cannot be inspected; the constructor must not choke."""
     tx = optax.inject_hyperparams(ax.adamax)(learning_rate=0.1, b1=0.9)

@@ -281,3 +281,58 @@ def test_state_restored_without_a_target_is_refused(tmp_path, wrapped):
     assert not isinstance(restored, type(state))
     with pytest.raises(TypeError, match="AdamaxState"):
         tx.update(params, restored, params)
+
+
+# --- lazy_rows="catch_up": each row's last step is state too --------------------------------
+
+LAZY_CONFIGS: dict[str, Callable[[], optax.GradientTransformation]] = {
+    "catch_up": lambda: ax.adamax(0.01, lazy_rows="catch_up", eps_placement="max"),
+    "catch_up_8bit": lambda: ax.adamaxw(0.01, lazy_rows="catch_up", state_bits=8, block_size=128),
+}
+if PACKED is not None:
+    LAZY_CONFIGS["catch_up_packed"] = lambda: optax.chain(
+        PACKED(ax.scale_by_adamax(lazy_rows="catch_up")), optax.scale_by_learning_rate(0.01)
+    )
+
+
+def _sparse_gradient(params: Any, t: jax.Array) -> Any:
+    """:func:`_gradient` on one row in five (which rows, changes with the step)."""
+
+    def leaf(p: jax.Array, g: jax.Array) -> jax.Array:
+        if p.ndim == 0:
+            return g
+        rows = (jnp.arange(p.shape[0]) * 7 + t * 3) % 5 == 0
+        return jnp.where(rows.reshape((-1,) + (1,) * (p.ndim - 1)), g, 0).astype(g.dtype)
+
+    return jax.tree.map(leaf, params, _gradient(params, t))
+
+
+@pytest.mark.parametrize("name", list(LAZY_CONFIGS))
+def test_catch_up_resumes_bit_identically(tmp_path, name):
+    tx = LAZY_CONFIGS[name]()
+    params0 = _params(mixed=True)
+
+    @jax.jit
+    def step(params, state, t):
+        updates, state = tx.update(_sparse_gradient(params, t), state, params)
+        return optax.apply_updates(params, updates), state
+
+    def train(params, state, start, stop):
+        for t in range(start, stop):
+            params, state = step(params, state, jnp.asarray(t, jnp.int32))
+        return params, state
+
+    uninterrupted = train(params0, tx.init(params0), 0, 8)
+    params, state = train(params0, tx.init(params0), 0, 3)
+    _save(tmp_path / "ckpt", {"params": params, "opt_state": state})
+    restored = _restore(tmp_path / "ckpt", _abstract(params0, tx))
+    assert_bit_identical(restored, {"params": params, "opt_state": state})
+    resumed = train(restored["params"], restored["opt_state"], 3, 8)
+    assert_bit_identical(resumed, uninterrupted)
+    # The stamps are in the checkpoint: rows left behind kept their last step.
+    stamps = [
+        leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(restored["opt_state"])
+        if "last_step" in jax.tree_util.keystr(path)
+    ]
+    assert stamps and any(np.unique(np.asarray(s)).size > 1 for s in stamps)

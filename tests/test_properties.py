@@ -238,7 +238,7 @@ ALL_PARAM_DTYPES = [*FLOAT_DTYPES, "complex64"]
         st.lists(st.integers(0, 3), min_size=0, max_size=3).map(tuple), min_size=4, max_size=4
     ),
     nesterov=st.booleans(),
-    lazy_rows=st.booleans(),
+    lazy_rows=st.sampled_from([False, True, "catch_up"]),
 )
 def test_state_keeps_the_dtypes_and_shapes_init_gave_it(
     param_dtypes, grad_dtype, m_dtype, u_dtype, shapes, nesterov, lazy_rows
@@ -275,6 +275,7 @@ JIT_CONFIGS = [
     {"eps_placement": "max"},
     {"nesterov": True},
     {"lazy_rows": True},
+    {"lazy_rows": "catch_up", "eps_placement": "max"},
     {"bias_correction": False},
     {"m_dtype": jnp.bfloat16, "u_dtype": jnp.bfloat16},
 ]

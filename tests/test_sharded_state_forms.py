@@ -46,6 +46,8 @@ FORMS: dict[str, Callable[[], optax.GradientTransformation]] = {
     "nesterov": lambda: ax.nadamax(0.01),
     "lazy_rows": lambda: ax.adamax(0.01, lazy_rows=True),
     "skip_nonfinite": lambda: ax.adamax(0.01, skip_nonfinite=True),
+    "lazy_rows=catch_up": lambda: ax.adamax(0.01, lazy_rows="catch_up"),
+    "8bit+catch_up+nesterov": lambda: ax.nadamax(0.01, state_bits=8, lazy_rows="catch_up"),
     "packed": lambda: ax.packed(ax.adamax(0.01)),
     "8bit+nesterov+lazy+skip": lambda: ax.nadamax(
         0.01, state_bits=8, lazy_rows=True, skip_nonfinite=True
