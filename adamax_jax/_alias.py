@@ -27,7 +27,7 @@ def adamax(
     lazy_rows: LazyRows = False,
     skip_nonfinite: bool = False,
     state_bits: int | None = None,
-    block_size: int = 256,
+    block_size: int | None = None,
 ) -> optax.GradientTransformation:
     r"""The Adamax optimizer (Kingma & Ba 2015, Algorithm 2).
 
@@ -115,7 +115,7 @@ def adamaxw(
     lazy_rows: LazyRows = False,
     skip_nonfinite: bool = False,
     state_bits: int | None = None,
-    block_size: int = 256,
+    block_size: int | None = None,
 ) -> optax.GradientTransformation:
     r"""Adamax with decoupled weight decay (the AdamW recipe applied to Adamax).
 
@@ -196,7 +196,7 @@ def nadamax(
     lazy_rows: LazyRows = False,
     skip_nonfinite: bool = False,
     state_bits: int | None = None,
-    block_size: int = 256,
+    block_size: int | None = None,
 ) -> optax.GradientTransformation:
     r"""NAdamax: Adamax with a Nesterov look-ahead in the first moment.
 

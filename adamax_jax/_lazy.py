@@ -93,6 +93,13 @@ class StampedRows:
 jax.tree_util.register_dataclass(StampedRows)
 
 
+def split(u_stored: Any) -> tuple[Any, jax.Array | None]:
+    """A stored ``u`` as ``(moment, last_step)``; ``last_step`` is None without catch_up."""
+    if isinstance(u_stored, StampedRows):
+        return u_stored.moment, u_stored.last_step
+    return u_stored, None
+
+
 def group_rows(shape: tuple[int, ...], u_stored: Any) -> int:
     """Rows per ``last_step`` entry: 1, or for 8-bit ``u`` the rows that fill whole blocks."""
     if not isinstance(u_stored, _quantize.QuantizedU):

@@ -72,7 +72,7 @@ than half a code when ``g`` is close to ``m``, so ``m`` would stop within
 :math:`\pm 5` codes of its target. ``m`` is therefore rounded with a deterministic
 dither: element :math:`i` at step :math:`t` rounds up when the fractional part
 exceeds :math:`\{(i + c)\varphi + t\varphi\}` (:math:`\varphi` the golden ratio,
-:math:`c` a constant per leaf and moment). It is unbiased like stochastic
+:math:`c` a constant of the moment, the same for every leaf). It is unbiased like stochastic
 rounding, its errors cancel over consecutive steps instead of adding up as a
 random walk, and it needs no RNG state: the same step on the same state gives the
 same bits, so a resumed run is bit-identical.
@@ -133,6 +133,8 @@ _M_LEVELS = 127.0
 _M_CODE_DTYPE = jnp.int8
 _R_CAP = 64.0  # largest |m|/u a code can express when b1 >= b2 (no bound exists then)
 _GOLDEN = 0x9E3779B9  # 2**32 / golden ratio
+# The dither salt of the m codes: one constant for every leaf (see _storage.MOMENT_SALT).
+_M_SALT = 0x5BD1E995
 
 
 class _CodedMoment:
@@ -339,7 +341,6 @@ def write(
     u_like: QuantizedU,
     *,
     step: jax.Array,
-    leaf: int,
     b1: jax.Array,
     b2: jax.Array,
     touched: jax.Array | None,
@@ -396,7 +397,7 @@ def write(
     r_max = ratio_bound(b1, b2, step)
     pos = u_ref > 0
     y = jnp.where(pos, mb / jnp.where(pos, u_ref, 1.0), 0.0) * (_M_LEVELS / r_max)
-    theta = _to_blocks(dither(shape, step, salt=leaf * 0x632BE5AB + 0x5BD1E995), bs)
+    theta = _to_blocks(dither(shape, step, salt=_M_SALT), bs)
     k = jnp.floor(y + theta)
     if tb is not None:
         k = jnp.where(tb, k, jnp.round(y))

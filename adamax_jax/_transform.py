@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -48,7 +50,7 @@ def scale_by_adamax(
     lazy_rows: _lazy.LazyRows = False,
     skip_nonfinite: bool = False,
     state_bits: int | None = None,
-    block_size: int = 256,
+    block_size: int | None = None,
 ) -> optax.GradientTransformation:
     r"""Rescales updates by Adamax: a bias-corrected mean over an infinity norm.
 
@@ -167,7 +169,7 @@ def scale_by_adamax(
         moments (about 2 bytes per parameter instead of 8). ``m_dtype`` and
         ``u_dtype`` then apply only to the leaves that are not quantized.
       block_size: Elements per block of the 8-bit ``u`` (one float32 scale each), a
-        power of two; used only with ``state_bits=8``.
+        power of two; ``None`` for 256. Used only with ``state_bits=8``.
 
     Returns:
       An :class:`optax.GradientTransformation` whose state is :class:`AdamaxState`.
@@ -179,7 +181,8 @@ def scale_by_adamax(
         at update, for gradients whose tree or shapes do not match the state, or
         a state made with another ``lazy_rows="catch_up"`` setting.
       TypeError: At ``init``/``update``, for integer or boolean leaves, and for a
-        non-floating ``m_dtype``/``u_dtype``; at construction, for a ``lazy_rows``
+        non-floating ``m_dtype``/``u_dtype``; at construction, for a
+        ``bias_correction``, ``nesterov`` or ``skip_nonfinite`` that is not a bool, a ``lazy_rows``
         that is neither a bool nor a string, or a
         ``state_bits``/``block_size`` that is not a Python int (as
         ``optax.inject_hyperparams`` makes them unless they are static).
@@ -208,40 +211,32 @@ def scale_by_adamax(
     _validation.check_range("b2", b2, low=0.0, high=1.0)
     _validation.check_range("eps", eps, low=0.0, high=float("inf"), high_inclusive=False)
     _validation.check_choice("eps_placement", eps_placement, EPS_PLACEMENTS)
-    m_dtype = _validation.check_dtype_option("m_dtype", m_dtype)
-    u_dtype = _validation.check_dtype_option("u_dtype", u_dtype)
-    _storage.check_state_options(state_bits, block_size)
-    lazy_mode = _lazy.check_mode(lazy_rows)
-    eps_in_max = eps_placement == "max"
+    options = _Options(
+        eps_in_max=eps_placement == "max",
+        bias_correction=_validation.check_bool("bias_correction", bias_correction),
+        nesterov=_validation.check_bool("nesterov", nesterov),
+        lazy_rows=_lazy.check_mode(lazy_rows),
+        skip_nonfinite=_validation.check_bool("skip_nonfinite", skip_nonfinite),
+        m_dtype=_validation.check_dtype_option("m_dtype", m_dtype),
+        u_dtype=_validation.check_dtype_option("u_dtype", u_dtype),
+        state_bits=state_bits,
+        block_size=_storage.check_state_options(state_bits, block_size),
+    )
 
     def init_fn(params: optax.Params) -> AdamaxState:
         _validation.check_float_leaves(params, "parameter")
 
-        def m_zeros(p: Any) -> Any:
-            p_dtype = jnp.result_type(p)  # not p.dtype: a leaf may be a Python float
-            dtype = p_dtype if m_dtype is None else m_dtype
-            if jnp.issubdtype(p_dtype, jnp.complexfloating) and not jnp.issubdtype(
-                dtype, jnp.complexfloating
-            ):
-                dtype = jnp.result_type(dtype, jnp.complex64)
-            return _storage.zeros(p, dtype, "m", state_bits=state_bits, block_size=block_size)
-
-        def u_zeros(p: Any) -> Any:
-            dtype = _storage.real_dtype(jnp.result_type(p)) if u_dtype is None else u_dtype
-            u = _storage.zeros(p, dtype, "u", state_bits=state_bits, block_size=block_size)
-            return _lazy.zeros(p, u) if lazy_mode == "catch_up" else u
-
-        def per_leaf(zeros_fn: Any) -> Any:
+        def per_leaf(zeros: Callable[[Any], Any]) -> Callable[[Any], Any]:
             # A framework's wrapper around a parameter (an nnx Variable) goes around
             # the parameter-shaped array of its state, not around an 8-bit moment.
-            return lambda p: _wrapped.wrap_like(p, zeros_fn(_wrapped.unwrap(p)))
+            return lambda p: _wrapped.wrap_like(p, zeros(_wrapped.unwrap(p)))
 
         # Param-shaped state only through tree.map over params, so that
         # optax.tree_utils.tree_map_params can locate it.
         return AdamaxState(
             count=jnp.zeros([], jnp.int32),
-            m=jax.tree.map(per_leaf(m_zeros), params, is_leaf=_wrapped.is_wrapped),
-            u=jax.tree.map(per_leaf(u_zeros), params, is_leaf=_wrapped.is_wrapped),
+            m=jax.tree.map(per_leaf(options.m_zeros), params, is_leaf=_wrapped.is_wrapped),
+            u=jax.tree.map(per_leaf(options.u_zeros), params, is_leaf=_wrapped.is_wrapped),
         )
 
     def update_fn(
@@ -261,49 +256,23 @@ def scale_by_adamax(
         m_leaves = _validation.flatten_like(updates, state.m, "state.m")
         u_leaves = _validation.flatten_like(updates, state.u, "state.u")
         count = jnp.asarray(optax.safe_increment(state.count))  # saturates at int32 max
+        # The step's scalars, once per real dtype rather than once per leaf.
+        scalars: dict[jnp.dtype, _Scalars] = {}
+        step = functools.partial(_leaf_update, options=options)
 
         new_updates, new_m, new_u = [], [], []
-        for i, ((path, slot), m_slot, u_slot) in enumerate(
-            zip(paths_and_slots, m_leaves, u_leaves, strict=True)
-        ):
+        for (path, slot), m_slot, u_slot in zip(paths_and_slots, m_leaves, u_leaves, strict=True):
+            where = f"gradient {_validation.path_str(path)}"
             g = jnp.asarray(_wrapped.unwrap(slot))  # a leaf may be a Python float
             m_s, u_s = _wrapped.unwrap(m_slot), _wrapped.unwrap(u_slot)
-            if tuple(g.shape) != tuple(m_s.shape) or tuple(g.shape) != tuple(u_s.shape):
-                raise ValueError(
-                    f"adamax_jax: gradient {_validation.path_str(path)} has shape "
-                    f"{tuple(g.shape)} but its moments have shapes {tuple(m_s.shape)} (m) "
-                    f"and {tuple(u_s.shape)} (u)"
-                )
-            if isinstance(u_s, _lazy.StampedRows) != (lazy_mode == "catch_up"):
-                raise ValueError(
-                    f"adamax_jax: state.u of {_validation.path_str(path)} was made "
-                    + ("without" if lazy_mode == "catch_up" else "with")
-                    + ' lazy_rows="catch_up" (which keeps the step each row was last '
-                    f"touched at), but this optimizer has lazy_rows={lazy_rows!r}; "
-                    "make the state with init of the same configuration"
-                )
-            step = functools.partial(
-                _leaf_update,
-                leaf=i,
-                b1=b1,
-                b2=b2,
-                eps=eps,
-                eps_in_max=eps_in_max,
-                bias_correction=bias_correction,
-                nesterov=nesterov,
-                lazy_rows=lazy_mode,
-                skip_nonfinite=skip_nonfinite,
-            )
+            options.check_leaf_state(where, g, m_s, u_s)
+            rdt = _storage.real_dtype(_storage.compute_dtype(g.dtype, m_s.dtype, u_s.dtype))
+            if rdt not in scalars:
+                scalars[rdt] = _Scalars.at(count, b1, b2, eps, rdt, options)
             # On a mesh with Explicit axes the update takes the gradient's layout and
             # the new moments their old layout (ZeRO-split or beside the parameter).
             upd, m_new, u_new = _explicit.run_as_auto(
-                step,
-                g,
-                m_s,
-                u_s,
-                count,
-                out_like=(g, m_s, u_s),
-                where=f"gradient {_validation.path_str(path)}",
+                step, g, m_s, u_s, scalars[rdt], out_like=(g, m_s, u_s), where=where
             )
             new_updates.append(_wrapped.wrap_like(slot, upd))
             new_m.append(_wrapped.wrap_like(slot, m_new))
@@ -316,118 +285,209 @@ def scale_by_adamax(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """The static choices of :func:`scale_by_adamax`, validated once at construction."""
+
+    eps_in_max: bool  # eps_placement == "max"
+    bias_correction: bool
+    nesterov: bool
+    lazy_rows: _lazy.Mode  # None (off), "freeze" or "catch_up"
+    skip_nonfinite: bool
+    m_dtype: Any  # None: each parameter's dtype
+    u_dtype: Any
+    state_bits: int | None
+    block_size: int
+
+    def m_zeros(self, p: Any) -> Any:
+        p_dtype = jnp.result_type(p)  # not p.dtype: a leaf may be a Python float
+        dtype = p_dtype if self.m_dtype is None else self.m_dtype
+        if jnp.issubdtype(p_dtype, jnp.complexfloating) and not jnp.issubdtype(
+            dtype, jnp.complexfloating
+        ):
+            dtype = jnp.result_type(dtype, jnp.complex64)  # m of a complex parameter
+        return _storage.zeros(p, dtype, "m", state_bits=self.state_bits, block_size=self.block_size)
+
+    def u_zeros(self, p: Any) -> Any:
+        dtype = _storage.real_dtype(jnp.result_type(p)) if self.u_dtype is None else self.u_dtype
+        u = _storage.zeros(p, dtype, "u", state_bits=self.state_bits, block_size=self.block_size)
+        return _lazy.zeros(p, u) if self.lazy_rows == "catch_up" else u
+
+    def check_leaf_state(self, where: str, g: jax.Array, m: Any, u: Any) -> None:
+        """Raises ValueError where a leaf's state was not made by this optimizer's init."""
+        if tuple(g.shape) != tuple(m.shape) or tuple(g.shape) != tuple(u.shape):
+            raise ValueError(
+                f"adamax_jax: {where} has shape {tuple(g.shape)} but its moments have "
+                f"shapes {tuple(m.shape)} (m) and {tuple(u.shape)} (u)"
+            )
+        if isinstance(u, _lazy.StampedRows) != (self.lazy_rows == "catch_up"):
+            made = "without" if self.lazy_rows == "catch_up" else "with"
+            raise ValueError(
+                f"adamax_jax: the state of {where} was made {made} "
+                'lazy_rows="catch_up" (which keeps the step each row was last touched '
+                f"at), but this optimizer has lazy_rows={self.lazy_rows or False!r}; make "
+                "the state with init of the same configuration"
+            )
+
+
+class _Scalars(NamedTuple):
+    """One step's scalars in a real dtype: the hyperparameters and bias corrections."""
+
+    step: jax.Array  # the step count t, int32
+    b1: jax.Array
+    b2: jax.Array
+    eps: jax.Array
+    correction: jax.Array  # 1 - b1**t
+    next_correction: jax.Array  # 1 - b1**(t + 1), for Nesterov's look-ahead
+
+    @classmethod
+    def at(
+        cls,
+        count: jax.Array,
+        b1: jax.typing.ArrayLike,
+        b2: jax.typing.ArrayLike,
+        eps: jax.typing.ArrayLike,
+        dtype: jnp.dtype,
+        options: _Options,
+    ) -> _Scalars:
+        # Cast so that a float64 or traced float32 hyperparameter never changes a
+        # leaf's compute dtype; real parts, since inject_hyperparams makes them complex
+        # for a complex parameter tree (validation refuses a nonzero imaginary part).
+        b1, b2, eps = (jnp.real(jnp.asarray(x)).astype(dtype) for x in (b1, b2, eps))
+        t = count.astype(dtype)
+        one = jnp.ones([], dtype)
+        correction = 1 - b1**t if options.bias_correction else one
+        next_correction = 1 - b1 ** (t + 1) if options.bias_correction else one
+        return cls(count, b1, b2, eps, correction, next_correction)
+
+
 def _leaf_update(
-    g: jax.Array,
-    m_stored: Any,
-    u_stored: Any,
-    count: jax.Array,
-    *,
-    leaf: int,
-    b1: jax.typing.ArrayLike,
-    b2: jax.typing.ArrayLike,
-    eps: jax.typing.ArrayLike,
-    eps_in_max: bool,
-    bias_correction: bool,
-    nesterov: bool,
-    lazy_rows: _lazy.Mode,
-    skip_nonfinite: bool,
+    g: jax.Array, m_stored: Any, u_stored: Any, s: _Scalars, *, options: _Options
 ) -> tuple[jax.Array, Any, Any]:
     """One leaf's step, in the compute dtype. Returns the update and the stored m, u."""
     cdt = _storage.compute_dtype(g.dtype, m_stored.dtype, u_stored.dtype)
-    rdt = _storage.real_dtype(cdt)
-    # Cast hyperparameters so a float64 or traced float32 value never changes the
-    # leaf's compute dtype; real parts, since inject_hyperparams makes them complex for
-    # a complex parameter tree (validation refuses a nonzero imaginary part).
-    b1 = jnp.real(jnp.asarray(b1)).astype(rdt)
-    b2 = jnp.real(jnp.asarray(b2)).astype(rdt)
-    eps = jnp.real(jnp.asarray(eps)).astype(rdt)
-
     gc = g.astype(cdt)
-    last_step = None
-    if isinstance(u_stored, _lazy.StampedRows):
-        u_stored, last_step = u_stored.moment, u_stored.last_step
-    m_prev, u_prev = _storage.read_moments(m_stored, u_stored, cdt, rdt)
+    u_stored, last_step = _lazy.split(u_stored)
+    m_prev, u_prev = _storage.read_moments(m_stored, u_stored, cdt, s.b1.dtype)
+    floor = s.eps if options.eps_in_max else None
+    keep = _Keep.of(gc, options)
+    if last_step is not None:
+        m_prev, u_prev, last_step, keep = keep.catch_up(
+            m_prev, u_prev, last_step, u_stored, s, floor
+        )
 
-    # Rows without gradient (lazy_rows) keep their state and take no step. With
-    # "catch_up", the rows this step brings up to date first get the decay of the
-    # steps they skipped; with 8-bit state those are whole groups of rows (see
-    # _lazy), of which only the rows with gradient step.
-    touched = stepped = None
-    if lazy_rows is not None:
-        touched = _lazy.rows_with_gradient(gc)
-        if last_step is not None:  # lazy_rows == "catch_up"
-            rows_per_stamp = _lazy.group_rows(gc.shape, u_stored)
-            caught = _lazy.catch_up(
-                touched,
-                last_step,
-                m_prev,
-                u_prev,
-                count=count,
-                b1=b1,
-                b2=b2,
-                floor=eps if eps_in_max else None,
-                rows_per_stamp=rows_per_stamp,
-            )
-            m_prev, u_prev, last_step = caught.m, caught.u, caught.last_step
-            if rows_per_stamp > 1:
-                touched, stepped = caught.advanced, touched
-
-    m = b1 * m_prev + (1 - b1) * gc
-    abs_g = jnp.abs(gc)
-    floor = eps if eps_in_max else 0.0
-    u = jnp.maximum(b2 * u_prev, abs_g + eps if eps_in_max else abs_g)
-
-    # Elements that keep their state and take no step: rows without gradient
-    # (lazy_rows) and non-finite gradients (skip_nonfinite). The moments are picked
-    # before the division: selecting them after it makes XLA copy the donated state
-    # buffers (measured 5x slower on a 16M leaf).
-    finite = jnp.isfinite(gc) if skip_nonfinite else None
-    if finite is not None:
-        touched = finite if touched is None else touched & finite
-    if touched is not None:
-        m = jnp.where(touched, m, m_prev)
-        u = jnp.where(touched, u, u_prev)
-    denom = u if eps_in_max else u + eps
-
-    # u + eps == 0 only where eps == 0 and no gradient has been seen: no step there
-    # (the paper's 0/0), instead of NaN. A NaN denominator (from a NaN gradient) is
-    # not zero: the NaN shows in the update instead of freezing the element unseen.
-    zero = denom == 0
-    safe_denom = jnp.where(zero, 1, denom)
-    if nesterov:
-        t = count.astype(rdt)
-        # Each term over u before the sum: for gradients near the float maximum the
-        # sum itself (up to about 1.5 |g|) would overflow.
-        m_term = b1 * m / safe_denom
-        g_term = (1 - b1) * gc / safe_denom
-        if bias_correction:
-            upd = m_term / (1 - b1 ** (t + 1)) + g_term / (1 - b1**t)
-        else:
-            upd = m_term + g_term
-    elif bias_correction:
-        upd = m / (1 - b1 ** count.astype(rdt)) / safe_denom
-    else:
-        upd = m / safe_denom
-    upd = jnp.where(zero, 0, upd)
-    if touched is not None:
-        upd = jnp.where(touched, upd, 0)
-    if stepped is not None:
-        upd = jnp.where(stepped, upd, 0)
+    # Algorithm 2 of Kingma & Ba (with eps in the max for eps_placement="max").
+    m = s.b1 * m_prev + (1 - s.b1) * gc
+    u = jnp.maximum(s.b2 * u_prev, jnp.abs(gc) if floor is None else jnp.abs(gc) + floor)
+    if keep.mask is not None:
+        # Selected before the division: selecting after it makes XLA copy the
+        # donated state buffers (measured 5x slower on a 16M leaf).
+        m = jnp.where(keep.mask, m, m_prev)
+        u = jnp.where(keep.mask, u, u_prev)
+    upd = keep.no_step_where_kept(_direction(m, u, gc, s, options))
 
     m_new, u_new = _storage.write_moments(
         m,
         u,
         m_stored,
         u_stored,
-        step=count,
-        leaf=leaf,
-        b1=b1,
-        b2=b2,
-        touched=touched,
+        step=s.step,
+        b1=s.b1,
+        b2=s.b2,
+        touched=keep.mask,
         # Skipped elements must not size the 8-bit block scales either.
-        grad=gc if finite is None else jnp.where(finite, gc, 0),
-        floor=floor,
+        grad=gc if keep.finite is None else jnp.where(keep.finite, gc, 0),
+        floor=0.0 if floor is None else floor,
     )
     if last_step is not None:
         u_new = _lazy.StampedRows(u_new, last_step)
     return upd.astype(g.dtype), m_new, u_new
+
+
+def _direction(m: jax.Array, u: jax.Array, g: jax.Array, s: _Scalars, options: _Options) -> Any:
+    """The bias-corrected ``m / (u + eps)``, or Nesterov's look-ahead form of it."""
+    denom = u if options.eps_in_max else u + s.eps
+    # u + eps == 0 only where eps == 0 and no gradient has been seen: no step there
+    # (the paper's 0/0), instead of NaN. A NaN denominator (from a NaN gradient) is
+    # not zero: the NaN shows in the update instead of freezing the element unseen.
+    zero = denom == 0
+    safe_denom = jnp.where(zero, 1, denom)
+    if options.nesterov:
+        # Each term over u before the sum: for gradients near the float maximum the
+        # sum itself (up to about 1.5 |g|) would overflow.
+        m_term = s.b1 * m / safe_denom
+        g_term = (1 - s.b1) * g / safe_denom
+        if options.bias_correction:
+            upd = m_term / s.next_correction + g_term / s.correction
+        else:
+            upd = m_term + g_term
+    elif options.bias_correction:
+        upd = m / s.correction / safe_denom
+    else:
+        upd = m / safe_denom
+    return jnp.where(zero, 0, upd)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Keep:
+    """Which elements keep their state and take no step this time (``None``: none).
+
+    Rows without gradient with ``lazy_rows``, non-finite gradients with
+    ``skip_nonfinite``.
+    """
+
+    rows: jax.Array | None  # lazy_rows: True on the rows that step
+    finite: jax.Array | None  # skip_nonfinite: True where the gradient is finite
+    stepped: jax.Array | None = None  # 8-bit catch_up: the rows with gradient
+
+    @property
+    def mask(self) -> jax.Array | None:
+        """False where ``m`` and ``u`` stay as they were."""
+        return _both(self.rows, self.finite)
+
+    @classmethod
+    def of(cls, g: jax.Array, options: _Options) -> _Keep:
+        rows = None if options.lazy_rows is None else _lazy.rows_with_gradient(g)
+        return cls(rows, jnp.isfinite(g) if options.skip_nonfinite else None)
+
+    def catch_up(
+        self,
+        m: jax.Array,
+        u: jax.Array,
+        last_step: jax.Array,
+        u_stored: Any,
+        s: _Scalars,
+        floor: jax.Array | None,
+    ) -> tuple[jax.Array, jax.Array, jax.Array, _Keep]:
+        """``lazy_rows="catch_up"``: the rows this step brings up to date first get the
+        decay of the steps they skipped. With 8-bit state those are whole groups of
+        rows (see ``_lazy``), whose state all advances while only the rows with
+        gradient step."""
+        assert self.rows is not None
+        rows_per_stamp = _lazy.group_rows(m.shape, u_stored)
+        caught = _lazy.catch_up(
+            self.rows,
+            last_step,
+            m,
+            u,
+            count=s.step,
+            b1=s.b1,
+            b2=s.b2,
+            floor=floor,
+            rows_per_stamp=rows_per_stamp,
+        )
+        keep = self if rows_per_stamp == 1 else _Keep(caught.advanced, self.finite, self.rows)
+        return caught.m, caught.u, caught.last_step, keep
+
+    def no_step_where_kept(self, upd: jax.Array) -> jax.Array:
+        for where in (self.mask, self.stepped):
+            if where is not None:
+                upd = jnp.where(where, upd, 0)
+        return upd
+
+
+def _both(a: jax.Array | None, b: jax.Array | None) -> jax.Array | None:
+    """``a & b``, where ``None`` stands for everywhere."""
+    if a is None:
+        return b
+    return a if b is None else a & b

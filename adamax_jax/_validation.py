@@ -104,6 +104,13 @@ def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
         raise ValueError(f"{name} must be one of {options}, got {value!r}")
 
 
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` if it is a bool; a TypeError otherwise (a truthy string is not a yes)."""
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
 def check_dtype_option(name: str, value: Any) -> jnp.dtype | None:
     """Normalises an optional dtype argument; rejects non-floating dtypes."""
     if value is None:

@@ -156,10 +156,7 @@ def state_sharding(
 
     param_leaves, param_treedef = jax.tree_util.tree_flatten_with_path(params)
     layouts = param_treedef.unflatten(
-        [
-            _ParamLayout(_shape_of(p), _packed.leaf_dtype(p), _param_spec(path, p, mesh))
-            for path, p in param_leaves
-        ]
+        [_param_layout(path, p, mesh) for path, p in param_leaves]
     )
 
     def other_leaf(leaf: Any) -> NamedSharding:
@@ -198,6 +195,11 @@ class _ParamLayout:
     shape: tuple[int, ...]
     dtype: Any
     spec: PartitionSpec
+
+
+def _param_layout(path: Any, leaf: Any, mesh: Mesh) -> _ParamLayout:
+    spec = _param_spec(path, leaf, mesh)  # first: it names a leaf it cannot read
+    return _ParamLayout(_shape_of(leaf), _packed.leaf_dtype(leaf), spec)
 
 
 def _map_pieces(fn: Callable[[Any, _ParamLayout], Any], state: Any, layouts: Any) -> Any:
