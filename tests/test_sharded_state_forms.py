@@ -56,6 +56,10 @@ FORMS: dict[str, Callable[[], optax.GradientTransformation]] = {
         0.01, m_dtype=jnp.bfloat16, u_dtype=jnp.bfloat16, lazy_rows=True, skip_nonfinite=True
     ),
     "packed+8bit": lambda: ax.packed(ax.adamax(0.01, state_bits=8)),
+    # b1 and b2 arrive as arrays traced outside the step (and outside auto_axes).
+    "inject_hyperparams b1,b2": lambda: optax.inject_hyperparams(ax.adamax)(
+        learning_rate=0.01, b1=0.8, b2=0.99
+    ),
     "adamaxw+clip+schedule": lambda: optax.chain(
         optax.clip_by_global_norm(1.0),
         ax.adamaxw(optax.linear_schedule(0.02, 0.005, STEPS), weight_decay=0.1),
