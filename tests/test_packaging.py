@@ -82,6 +82,8 @@ def test_sdist_holds_what_its_tests_read(built):
         names = {n.removeprefix(top) for n in tar.getnames()}
     missing = [n for n in SDIST_NEEDS if n not in names]
     assert not missing, missing
+    # The demo ships as a subpackage of its own.
+    assert "adamax_jax/demo/__main__.py" in names
 
 
 def test_wheel_ships_the_license_and_its_metadata(built):
