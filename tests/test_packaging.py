@@ -8,7 +8,9 @@ list, or a version written in a second place, fails here rather than in a user's
 
 from __future__ import annotations
 
+import ast
 import importlib.metadata
+import re
 import subprocess
 import sys
 import tarfile
@@ -51,6 +53,30 @@ def test_pyproject_takes_the_version_from_the_package():
     assert "version" not in project["project"]
     assert "version" in project["project"]["dynamic"]
     assert project["tool"]["hatch"]["version"]["path"] == "adamax_jax/__init__.py"
+
+
+def _runtime_requirements() -> set[str]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower() for r in project["dependencies"]}
+
+
+def _library_imports() -> set[str]:
+    """Top-level names the library imports, the demo (which has its extra) aside."""
+    names = set()
+    for path in (ROOT / "adamax_jax").rglob("*.py"):
+        if "demo" in path.relative_to(ROOT / "adamax_jax").parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    return names - set(sys.stdlib_module_names) - {"__future__", "adamax_jax"}
+
+
+def test_runtime_dependencies_are_what_the_library_imports():
+    # jaxlib is never imported by name, but jax cannot run without it.
+    assert _runtime_requirements() - {"jaxlib"} == _library_imports()
 
 
 def test_license_file_is_apache_2():
