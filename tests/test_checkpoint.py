@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,13 +29,6 @@ import pytest
 import adamax_jax as ax
 
 ocp = pytest.importorskip("orbax.checkpoint")
-
-HAS_STATE_BITS = "state_bits" in inspect.signature(ax.scale_by_adamax).parameters
-# Set to True when the core refuses a state that is not an AdamaxState (issue 8 patch).
-STATE_TYPE_CHECKED = True
-
-
-PACKED = getattr(ax, "packed", None)
 
 
 def _params(mixed: bool = False) -> dict[str, jax.Array]:
@@ -81,20 +73,18 @@ CONFIGS: dict[str, Callable[[], tuple[optax.GradientTransformation, Any]]] = {
         optax.MultiSteps(optax.apply_if_finite(ax.nadamax(0.01), 2), every_k_schedule=2),
         _params(),
     ),
-}
-if HAS_STATE_BITS:
-    CONFIGS["state_bits_8"] = lambda: (ax.adamax(0.01, state_bits=8), _params(mixed=True))
-    CONFIGS["state_bits_8_inject"] = lambda: (
+    "state_bits_8": lambda: (ax.adamax(0.01, state_bits=8), _params(mixed=True)),
+    "state_bits_8_inject": lambda: (
         optax.inject_hyperparams(ax.adamaxw, static_args=("state_bits", "block_size"))(
             learning_rate=0.01, state_bits=8, block_size=128
         ),
         _params(),
-    )
-if PACKED is not None:
-    CONFIGS["packed"] = lambda: (
-        optax.chain(PACKED(ax.scale_by_adamax()), optax.scale_by_learning_rate(0.01)),
+    ),
+    "packed": lambda: (
+        optax.chain(ax.packed(ax.scale_by_adamax()), optax.scale_by_learning_rate(0.01)),
         _params(mixed=True),
-    )
+    ),
+}
 
 
 def _gradient(params: Any, t: jax.Array) -> Any:
@@ -227,6 +217,9 @@ def test_bf16_moments_restore_exactly_into_a_float32_configuration(tmp_path):
 
 # --- restoring into another configuration fails -------------------------------------------
 
+# Large enough for 8-bit state to quantize it.
+_BIG = {"w": jnp.ones((64, 64))}
+
 MISMATCHES: dict[str, tuple[Any, Any]] = {
     # (saved configuration, restore configuration), each as (tx, params)
     "renamed_leaf": (
@@ -245,15 +238,13 @@ MISMATCHES: dict[str, tuple[Any, Any]] = {
         (optax.inject_hyperparams(ax.adamax)(learning_rate=0.1), {"w": jnp.ones((4, 4))}),
         (ax.adamax(0.1), {"w": jnp.ones((4, 4))}),
     ),
+    "float32_into_8bit": ((ax.adamax(), _BIG), (ax.adamax(state_bits=8), _BIG)),
+    "8bit_into_float32": ((ax.adamax(state_bits=8), _BIG), (ax.adamax(), _BIG)),
+    "8bit_other_block_size": (
+        (ax.adamax(state_bits=8, block_size=256), _BIG),
+        (ax.adamax(state_bits=8, block_size=128), _BIG),
+    ),
 }
-if HAS_STATE_BITS:
-    big = {"w": jnp.ones((64, 64))}
-    MISMATCHES["float32_into_8bit"] = ((ax.adamax(), big), (ax.adamax(state_bits=8), big))
-    MISMATCHES["8bit_into_float32"] = ((ax.adamax(state_bits=8), big), (ax.adamax(), big))
-    MISMATCHES["8bit_other_block_size"] = (
-        (ax.adamax(state_bits=8, block_size=256), big),
-        (ax.adamax(state_bits=8, block_size=128), big),
-    )
 
 
 @pytest.fixture
@@ -300,9 +291,6 @@ def test_restoring_into_another_configuration_raises(tmp_path, name):
         _restore(tmp_path / "ckpt", _abstract(new_params, new_tx))
 
 
-@pytest.mark.xfail(
-    not STATE_TYPE_CHECKED, strict=True, reason="core check of the state's type pending"
-)
 @pytest.mark.parametrize("wrapped", [False, True])
 def test_state_restored_without_a_target_is_refused(tmp_path, wrapped):
     """Without a target orbax returns dicts and lists: update must refuse them."""
