@@ -9,6 +9,7 @@ from adamax_jax._alias import adamax, adamaxw, nadamax
 from adamax_jax._packed import PackedTree, packed
 from adamax_jax._transform import AdamaxState, scale_by_adamax
 
+# The one place the version is written: pyproject.toml reads it ([tool.hatch.version]).
 __version__ = "0.1.0.dev0"
 
 __all__ = [

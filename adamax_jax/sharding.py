@@ -155,9 +155,7 @@ def state_sharding(
     zero_axes = _check_zero_axis(zero_axis, mesh)
 
     param_leaves, param_treedef = jax.tree_util.tree_flatten_with_path(params)
-    layouts = param_treedef.unflatten(
-        [_param_layout(path, p, mesh) for path, p in param_leaves]
-    )
+    layouts = param_treedef.unflatten([_param_layout(path, p, mesh) for path, p in param_leaves])
 
     def other_leaf(leaf: Any) -> NamedSharding:
         return NamedSharding(mesh, _zero_split(PartitionSpec(), _shape_of(leaf), zero_axes, mesh))

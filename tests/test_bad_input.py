@@ -7,7 +7,6 @@ and the opt-in per-element skip ``skip_nonfinite=True``.
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import re
 from typing import Any
@@ -19,17 +18,6 @@ import optax
 import pytest
 
 import adamax_jax as ax
-
-SIGNATURE = inspect.signature(ax.scale_by_adamax).parameters
-HAS_STATE_BITS = "state_bits" in SIGNATURE
-HAS_SKIP_NONFINITE = "skip_nonfinite" in SIGNATURE
-# Set to True with the core patch of issue 8: a NaN gradient shows as a NaN update
-# (instead of a silent zero), Python float leaves work, and update refuses a state
-# that is not an AdamaxState.
-CORE_PATCHED = True
-pending_core_patch = pytest.mark.xfail(
-    not CORE_PATCHED, strict=True, reason="needs the issue-8 core patch"
-)
 
 CONSTRUCTORS = {
     "scale_by_adamax": ax.scale_by_adamax,
@@ -61,7 +49,6 @@ def test_a_python_int_leaf_is_refused_by_type():
         ax.adamax().init([jnp.ones(2), 3])
 
 
-@pending_core_patch
 def test_python_float_leaves_work_like_arrays():
     tx = ax.adamax(0.1)
     state = tx.init({"a": 1.0, "b": jnp.ones(1)})
@@ -76,7 +63,6 @@ def test_integer_gradients_are_refused_at_update():
         tx.update({"w": jnp.ones(3, jnp.int32)}, state)
 
 
-@pending_core_patch
 @pytest.mark.parametrize("wrapped", [False, True])
 def test_a_state_that_is_not_an_adamax_state_is_refused(wrapped):
     """What orbax gives back without a target: plain dicts in place of AdamaxState."""
@@ -134,7 +120,6 @@ def test_gradient_tree_mismatch_names_the_first_differing_path(case, jit):
         assert part in str(info.value)
 
 
-@pytest.mark.skipif(not HAS_STATE_BITS, reason="8-bit state not available yet")
 def test_tree_mismatch_with_8bit_state_names_the_parameter_path():
     params = {"big": jnp.ones((64, 64)), "small": jnp.ones(3)}
     tx = ax.scale_by_adamax(state_bits=8)
@@ -163,7 +148,6 @@ def test_gradient_shape_mismatch_names_the_path_and_both_shapes(case, jit):
         update({"x": {"w": jnp.ones(grad_shape)}}, state)
 
 
-@pytest.mark.skipif(not HAS_STATE_BITS, reason="8-bit state not available yet")
 def test_gradient_shape_mismatch_with_8bit_state():
     tx = ax.adamax(state_bits=8)
     state = tx.init({"w": jnp.ones((64, 64))})
@@ -285,7 +269,6 @@ def test_traced_hyperparameters_pass_unchecked_into_inject_hyperparams():
     np.testing.assert_allclose(updates, [-0.1, -0.1], rtol=1e-6)
 
 
-@pytest.mark.skipif(not HAS_STATE_BITS, reason="8-bit state not available yet")
 @pytest.mark.parametrize("block_size", [0, -256, 3, 100, 255])
 def test_block_size_must_be_a_positive_power_of_two(block_size):
     with pytest.raises(
@@ -294,7 +277,6 @@ def test_block_size_must_be_a_positive_power_of_two(block_size):
         ax.adamax(state_bits=8, block_size=block_size)
 
 
-@pytest.mark.skipif(not HAS_STATE_BITS, reason="8-bit state not available yet")
 @pytest.mark.parametrize(
     ("kwargs", "error"),
     [
@@ -417,7 +399,6 @@ def test_without_protection_a_nonfinite_gradient_poisons_only_its_own_element(ba
     assert np.all(np.isfinite(others(d_next["a"]))) and np.all(np.isfinite(d_next["b"]))
 
 
-@pending_core_patch
 def test_a_nan_gradient_shows_as_a_nan_update():
     """The element is poisoned for good, so its update must say so (not a silent 0
     that would freeze the parameter while the loss looks fine)."""
@@ -430,7 +411,6 @@ def test_a_nan_gradient_shows_as_a_nan_update():
     assert np.isnan(float(d["a"][1]))
 
 
-@pytest.mark.skipif(not HAS_STATE_BITS, reason="8-bit state not available yet")
 @pytest.mark.parametrize("bad", list(BAD_VALUES))
 def test_with_8bit_state_a_nonfinite_gradient_stays_inside_its_block(bad):
     """8-bit u shares one scale per block: the damage may reach the element's block
@@ -451,7 +431,6 @@ def test_with_8bit_state_a_nonfinite_gradient_stays_inside_its_block(bad):
     np.testing.assert_array_equal(np.asarray(d_bad)[outside], np.asarray(d_ok)[outside])
 
 
-@pytest.mark.skipif(not HAS_SKIP_NONFINITE, reason="skip_nonfinite not available yet")
 @pytest.mark.parametrize("bad", list(BAD_VALUES))
 def test_skip_nonfinite_leaves_the_bad_elements_untouched(bad):
     params, grads = _params_and_grads()
@@ -473,7 +452,6 @@ def test_skip_nonfinite_leaves_the_bad_elements_untouched(bad):
     assert int(new.count) == 2  # the step happened for every other element
 
 
-@pytest.mark.skipif(not HAS_SKIP_NONFINITE, reason="skip_nonfinite not available yet")
 def test_skip_nonfinite_is_free_when_gradients_are_finite():
     params, grads = _params_and_grads()
     for kwargs in ({}, {"nesterov": True}, {"lazy_rows": True}):
@@ -485,9 +463,6 @@ def test_skip_nonfinite_is_free_when_gradients_are_finite():
             assert _bytes((ua, sa)) == _bytes((ub, sb))
 
 
-@pytest.mark.skipif(
-    not (HAS_SKIP_NONFINITE and HAS_STATE_BITS), reason="skip_nonfinite or 8-bit not available"
-)
 def test_skip_nonfinite_with_8bit_state_keeps_every_block_finite():
     g = jnp.asarray(np.random.default_rng(1).standard_normal(4096), jnp.float32)
     tx = ax.scale_by_adamax(state_bits=8, skip_nonfinite=True)
@@ -498,3 +473,19 @@ def test_skip_nonfinite_with_8bit_state_keeps_every_block_finite():
     assert float(d[3]) == 0.0 and float(d[900]) == 0.0
     assert np.all(np.isfinite(d)) and np.all(np.isfinite(d2))
     assert all(np.all(np.isfinite(np.asarray(x, np.float64))) for x in jax.tree.leaves(state))
+
+
+@pytest.mark.parametrize("name", ["bias_correction", "nesterov", "skip_nonfinite"])
+@pytest.mark.parametrize("value", ["yes", 1, None, np.array(True)])
+def test_boolean_options_must_be_bools(name, value):
+    # A truthy string or number is not a yes: it would silently switch the option on.
+    with pytest.raises(TypeError, match=rf"{name} must be True or False, got"):
+        ax.scale_by_adamax(**{name: value})
+
+
+def test_block_size_none_means_256():
+    params = {"w": jnp.ones((64, 64))}
+    default = ax.adamax(state_bits=8).init(params)[0].u["w"]
+    explicit = ax.adamax(state_bits=8, block_size=256).init(params)[0].u["w"]
+    assert default.block_size == explicit.block_size == 256
+    assert default.scales.shape == (16,)

@@ -7,8 +7,10 @@ tutorial's Adamax loop written here, independent of the library and the demo.
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,9 +19,19 @@ pytest.importorskip("flax")
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
+import adamax_jax
 from adamax_jax import demo
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _python(*args: str) -> subprocess.CompletedProcess[str]:
+    """Runs this interpreter on the copy of adamax_jax the tests import."""
+    root = str(Path(adamax_jax.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=120, check=False, env=env
+    )
 
 
 def _numpy_adamax(grad, x0, steps, lr=0.01, b1=0.9, b2=0.999, eps=1e-8):
@@ -79,15 +91,31 @@ def test_every_optimizer_trains(demo_run, capsys):
 
 
 def test_command_line_help_and_bad_arguments():
-    proc = subprocess.run(
-        [sys.executable, "-m", "adamax_jax.demo", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    proc = _python("-m", "adamax_jax.demo", "--help")
     assert proc.returncode == 0, proc.stderr
     assert "--out" in proc.stdout and "--steps" in proc.stdout
     with pytest.raises(SystemExit) as excinfo:
         demo.main(["--steps", "0"])
     assert excinfo.value.code == 2
+
+
+def test_importing_the_library_does_not_import_the_demo():
+    proc = _python(
+        "-c",
+        "import sys, adamax_jax; print(sorted(m for m in sys.modules if 'demo' in m))",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_missing_extra_names_the_module_and_both_install_lines(tmp_path):
+    # `sys.modules["flax"] = None` makes `import flax` raise ImportError, as if absent.
+    proc = _python(
+        "-c",
+        "import sys; sys.modules['flax'] = None; from adamax_jax.demo import main; "
+        f"main(['--out', {str(tmp_path)!r}])",
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "flax is missing" in proc.stderr
+    assert 'pip install "adamax_jax[examples]"' in proc.stderr
+    assert 'pip install -e ".[examples]"' in proc.stderr

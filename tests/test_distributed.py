@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import math
 import re
 import subprocess
@@ -356,10 +355,6 @@ def test_state_sharding_falls_back_for_state_of_another_shape() -> None:
         assert same_layout(leaf, sh)
 
 
-@pytest.mark.skipif(
-    "state_bits" not in inspect.signature(ax.scale_by_adamax).parameters,
-    reason="8-bit state storage (scale_by_adamax(state_bits=8)) is not in this tree yet",
-)
 def test_zero_run_with_8bit_state_matches_single_device() -> None:
     opt = optax.chain(ax.scale_by_adamax(state_bits=8), optax.scale(-0.01))
     mesh = make_mesh((4, 2), AxisType.Auto)

@@ -16,7 +16,6 @@ traced arguments, so a new example reuses the compiled function.
 from __future__ import annotations
 
 import functools
-import inspect
 
 import jax
 import jax.numpy as jnp
@@ -31,11 +30,6 @@ from tests._reference import step_bound
 
 SETTINGS = settings(max_examples=30, deadline=None, derandomize=True)
 T, N = 8, 6  # steps per trajectory, elements per leaf
-
-HAS_STATE_BITS = "state_bits" in inspect.signature(ax.scale_by_adamax).parameters
-
-
-PACKED = getattr(ax, "packed", None)
 
 
 # --- strategies -------------------------------------------------------------------
@@ -183,7 +177,6 @@ def test_step_is_bounded_across_dtypes(data, param_dtype, state_dtype, rtol, max
     _check_bound(d, b1, b2, rtol=rtol)
 
 
-@pytest.mark.skipif(not HAS_STATE_BITS, reason="8-bit state (state_bits=8) not available yet")
 @settings(max_examples=15, deadline=None, derandomize=True)
 @given(bs=betas(), grads=grad_sequences(1e30))
 def test_step_is_bounded_with_8bit_state(bs, grads):
@@ -323,10 +316,9 @@ def test_jit_and_eager_agree(config_index, param_dtype, grads):
 
 @functools.cache
 def _packed_pair(max_leaf_size: int):
-    assert PACKED is not None
     plain = ax.adamax(0.01, 0.9, 0.99)
     packed = optax.chain(
-        PACKED(ax.scale_by_adamax(0.9, 0.99), max_leaf_size=max_leaf_size),
+        ax.packed(ax.scale_by_adamax(0.9, 0.99), max_leaf_size=max_leaf_size),
         optax.scale_by_learning_rate(0.01),
     )
 
@@ -343,7 +335,6 @@ def _packed_pair(max_leaf_size: int):
     return jax.jit(functools.partial(run, plain)), jax.jit(functools.partial(run, packed))
 
 
-@pytest.mark.skipif(PACKED is None, reason="packed form not available yet")
 @settings(max_examples=20, deadline=None, derandomize=True)
 @given(grads=grad_sequences(1e30), max_leaf_size=st.sampled_from([1, 4, 64]))
 def test_packed_and_unpacked_agree(grads, max_leaf_size):

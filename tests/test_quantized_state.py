@@ -438,8 +438,7 @@ def test_orbax_checkpoint_round_trip():
     params = _params()
     update = jax.jit(tx.update)
     state = update(_grads(), tx.init(params), params)[1]
-    with tempfile.TemporaryDirectory() as d:
-        ckpt = ocp.StandardCheckpointer()
+    with tempfile.TemporaryDirectory() as d, ocp.StandardCheckpointer() as ckpt:
         ckpt.save(os.path.join(d, "state"), state)
         ckpt.wait_until_finished()
         restored = ckpt.restore(os.path.join(d, "state"), jax.eval_shape(lambda: state))

@@ -15,8 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from sklearn.datasets import load_digits as sklearn_digits
+from sklearn.model_selection import train_test_split
 
-from adamax_jax._demo_text import ProgressBar
+from adamax_jax.demo.text import ProgressBar
 
 NUM_FEATURES = 64
 NUM_CLASSES = 10
@@ -40,9 +42,6 @@ def load_digits(seed: int = 0, test_fraction: float = 0.25) -> Digits:
       >>> data.x_train.shape, data.x_test.shape, float(data.x_train.max())
       ((1347, 64), (450, 64), 1.0)
     """
-    from sklearn.datasets import load_digits as sklearn_digits
-    from sklearn.model_selection import train_test_split
-
     x, y = sklearn_digits(return_X_y=True)
     x = (x / 16.0).astype(np.float32)  # pixel values are integers 0..16
     y = y.astype(np.int32)

@@ -1,14 +1,6 @@
-"""A two-minute tour of adamax_jax on CPU: ``python -m adamax_jax.demo``.
+"""The demo's command line: solve the toy problems, race the optimizers, write plots.
 
-It solves the seed tutorials' two toy problems with :func:`adamax_jax.adamax` (and
-checks the result against the tutorials' own NumPy loop), trains a small Flax NNX
-network on scikit-learn's bundled digits with ``adamax``, ``adamaxw``,
-``optax.adam`` and ``optax.sgd``, prints the results as tables and writes PNG plots.
-Nothing is downloaded. It needs the ``examples`` extra:
-
-    pip install -e ".[examples]" && python -m adamax_jax.demo
-
-Run ``python -m adamax_jax.demo --help`` for the options.
+:func:`main` is what ``python -m adamax_jax.demo`` runs; see :mod:`adamax_jax.demo`.
 """
 
 from __future__ import annotations
@@ -24,8 +16,8 @@ import numpy as np
 import optax
 
 import adamax_jax as ax
-from adamax_jax._demo_text import format_table
-from adamax_jax._demo_toys import (
+from adamax_jax.demo.text import format_table
+from adamax_jax.demo.toys import (
     ONE_VARIABLE,
     TWO_VARIABLES,
     descent_path,
@@ -34,7 +26,7 @@ from adamax_jax._demo_toys import (
 )
 
 if TYPE_CHECKING:  # needs flax, imported at run time only by main()
-    from adamax_jax._demo_digits import TrainResult
+    from adamax_jax.demo.digits import TrainResult
 
 DEFAULT_OUT = "adamax_demo_out"
 
@@ -79,6 +71,19 @@ def digits_optimizers() -> dict[str, optax.GradientTransformation]:
         "optax.adam(1e-3)": optax.adam(1e-3),
         "optax.sgd(0.05, momentum=0.9)": optax.sgd(0.05, momentum=0.9),
     }
+
+
+def missing_extra_message(module: str | None) -> str:
+    """What to install when the demo's optional dependencies are missing.
+
+    Most users have a wheel, where ``-e .`` means nothing; a checkout gets its own line.
+    """
+    return (
+        f"the demo needs the 'examples' extra ({module or 'a dependency'} is missing):\n"
+        '    pip install "adamax_jax[examples]"\n'
+        "or, in a checkout of the repository:\n"
+        '    pip install -e ".[examples]"'
+    )
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -180,13 +185,9 @@ def main(argv: Sequence[str] | None = None) -> DemoResults:
     args = _parse(argv)
     # Imported here so that `--help` answers at once and a missing extra names itself.
     try:
-        from adamax_jax import _demo_digits as digits
-        from adamax_jax import _demo_plots as plots
+        from adamax_jax.demo import digits, plots
     except ImportError as e:
-        raise SystemExit(
-            f"the demo needs the 'examples' extra ({e.name} is missing): "
-            'pip install -e ".[examples]"'
-        ) from e
+        raise SystemExit(missing_extra_message(e.name)) from e
 
     start = time.perf_counter()
     out: pathlib.Path = args.out
@@ -234,7 +235,3 @@ def main(argv: Sequence[str] | None = None) -> DemoResults:
     print("Wrote " + ", ".join(str(f) for f in files))
     print(f"Done in {time.perf_counter() - start:.1f}s.", flush=True)
     return DemoResults(toys=toys, training=training, files=files, tables=tables)
-
-
-if __name__ == "__main__":
-    main()

@@ -13,8 +13,11 @@ from collections.abc import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from adamax_jax._demo_digits import TrainResult
-from adamax_jax._demo_toys import ToyProblem
+from adamax_jax.demo.digits import TrainResult
+from adamax_jax.demo.toys import ToyProblem
+
+LINE_STYLES = ("-", "--", "-.", ":")
+MARKERS = ("o", "s", "^", "D")
 
 
 def plot_one_variable(
@@ -27,7 +30,9 @@ def plot_one_variable(
     ax_curve.plot(xs, xs - xs**3, color="0.3", lw=1.5, label="f(x) = x - x³")
     x = path[:, 0]
     points = ax_curve.scatter(x, x - x**3, c=np.arange(len(x)), cmap="viridis", s=12, zorder=3)
-    fig.colorbar(points, ax=ax_curve, label="step")
+    # The colour bar sits under the curve, not beside it, where its label would
+    # crowd the right panel's axis label.
+    fig.colorbar(points, ax=ax_curve, label="step", location="bottom", shrink=0.8, aspect=40)
     target = problem.target[0]
     ax_curve.axvline(target, ls="--", color="C3", lw=1, label="x = -1/√3")
     ax_curve.set(xlabel="x", ylabel="f(x)", title=f"{label} on f(x) = x - x³, lr 0.01")
@@ -63,7 +68,8 @@ def plot_two_variables(
     ax.plot(*problem.target, "*", color="C3", ms=14, label=f"minimum {problem.target}")
     ax.set(xlabel="x", ylabel="y", title=f"{label} on {problem.name}, lr 0.01")
     ax.set_aspect("equal")
-    ax.legend(loc="upper right")
+    # Outside the axes: inside, any corner covers some contour labels.
+    fig.legend(loc="outside lower center", ncols=3, fontsize=9)
     fig.savefig(out, dpi=100)
     return out
 
@@ -74,10 +80,25 @@ def plot_loss_curves(
     """Minibatch loss curves (a moving average over ``window`` steps), log scale."""
     fig = Figure(figsize=(8, 5), layout="constrained")
     ax = fig.subplots()
-    for r in results:
+    for i, r in enumerate(results):
         w = max(min(window, len(r.losses)), 1)
         smooth = np.convolve(r.losses, np.ones(w) / w, mode="valid")
-        ax.plot(np.arange(w, len(r.losses) + 1), smooth, label=r.name)
+        steps = np.arange(w, len(r.losses) + 1)
+        # Curves can coincide (adamax and adamaxw with a small weight decay do): each
+        # later one is thinner, drawn on top, with its own dashes and staggered markers,
+        # so the one beneath still shows.
+        every = max(len(steps) // 8, 1)
+        ax.plot(
+            steps,
+            smooth,
+            label=r.name,
+            ls=LINE_STYLES[i % len(LINE_STYLES)],
+            lw=max(2.8 - 0.6 * i, 1.4),
+            marker=MARKERS[i % len(MARKERS)],
+            ms=5,
+            markevery=(i * every // len(results), every),
+            zorder=2 + i,
+        )
     ax.set_yscale("log")
     ax.set(
         xlabel="step",
