@@ -6,15 +6,21 @@ from adamax_jax import (
     sharding,
 )
 from adamax_jax._alias import adamax, adamaxw, nadamax
+from adamax_jax._lazy import StampedRows
 from adamax_jax._packed import PackedTree, packed
-from adamax_jax._transform import AdamaxState, scale_by_adamax
+from adamax_jax._quantize import QuantizedM, QuantizedU
+from adamax_jax._transform import AdamaxState, EpsPlacement, scale_by_adamax
 
 # The one place the version is written: pyproject.toml reads it ([tool.hatch.version]).
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "AdamaxState",
+    "EpsPlacement",
     "PackedTree",
+    "QuantizedM",
+    "QuantizedU",
+    "StampedRows",
     "adamax",
     "adamaxw",
     "compat",

@@ -28,7 +28,7 @@ def adamax(
     skip_nonfinite: bool = False,
     state_bits: int | None = None,
     block_size: int | None = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""The Adamax optimizer (Kingma & Ba 2015, Algorithm 2).
 
     .. math::
@@ -50,7 +50,7 @@ def adamax(
         (``state_bits=8`` stores the moments in about 2 bytes per parameter).
 
     Returns:
-      An :class:`optax.GradientTransformation`: ``scale_by_adamax`` chained with
+      An :class:`optax.GradientTransformationExtraArgs`: ``scale_by_adamax`` chained with
       ``optax.scale_by_learning_rate``.
 
     Example:
@@ -116,7 +116,7 @@ def adamaxw(
     skip_nonfinite: bool = False,
     state_bits: int | None = None,
     block_size: int | None = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""Adamax with decoupled weight decay (the AdamW recipe applied to Adamax).
 
     .. math::
@@ -144,7 +144,7 @@ def adamaxw(
         skip_nonfinite, state_bits, block_size: See :func:`adamax_jax.scale_by_adamax`.
 
     Returns:
-      An :class:`optax.GradientTransformation`. Its ``update`` needs ``params``.
+      An :class:`optax.GradientTransformationExtraArgs`. Its ``update`` needs ``params``.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -197,7 +197,7 @@ def nadamax(
     skip_nonfinite: bool = False,
     state_bits: int | None = None,
     block_size: int | None = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""NAdamax: Adamax with a Nesterov look-ahead in the first moment.
 
     Equal to ``adamax(..., nesterov=True)``:
@@ -218,7 +218,7 @@ def nadamax(
         ``optax.inject_hyperparams(nadamax)`` can bind them.
 
     Returns:
-      An :class:`optax.GradientTransformation`.
+      An :class:`optax.GradientTransformationExtraArgs`.
 
     Example:
       >>> import jax.numpy as jnp

@@ -51,7 +51,7 @@ def common_mesh(tree: Any, where: str) -> Any:
             mesh = sharding.mesh
         elif sharding.mesh != mesh:
             raise ValueError(
-                f"adamax_jax: {where} mixes arrays on two meshes, with axes "
+                f"{where} mixes arrays on two meshes, with axes "
                 f"{_describe(mesh)} and {_describe(sharding.mesh)}; put the parameters, "
                 "gradients and optimizer state on one mesh (see ax.sharding.state_sharding)"
             )

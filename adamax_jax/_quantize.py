@@ -101,6 +101,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adamax_jax import _leaves
+
 #: Leaves with fewer elements than this keep floating-point state (as bitsandbytes).
 MIN_SIZE = 4096
 
@@ -187,8 +189,10 @@ jax.tree_util.register_dataclass(QuantizedM)
 
 def quantizable(param: Any) -> bool:
     """Whether a parameter's moments are stored in 8 bits (large and real)."""
-    dtype = param.dtype if hasattr(param, "dtype") else jnp.result_type(param)
-    return math.prod(np.shape(param)) >= MIN_SIZE and not jnp.issubdtype(dtype, jnp.complexfloating)
+    dtype = _leaves.dtype_of(param)
+    return math.prod(_leaves.shape_of(param)) >= MIN_SIZE and not jnp.issubdtype(
+        dtype, jnp.complexfloating
+    )
 
 
 def _num_blocks(shape: tuple[int, ...], block_size: int) -> int:

@@ -144,7 +144,7 @@ def _refuse_derivative(x: jax.Array) -> jax.Array:
 @_refuse_derivative.defjvp
 def _refuse_derivative_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]) -> Any:
     raise TypeError(
-        "adamax_jax: cannot differentiate through state_bits=8 state: its moments are "
+        "cannot differentiate through state_bits=8 state: its moments are "
         "integer codes, which carry no derivative. To differentiate through optimizer "
         "steps (meta-learning, learned learning rates), use float32 or bfloat16 moments "
         "(m_dtype=u_dtype=jnp.bfloat16 is differentiated straight through its rounding)"

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adamax_jax import _explicit, _lazy, _storage, _validation, _wrapped
+from adamax_jax import _explicit, _lazy, _leaves, _storage, _validation, _wrapped
 
 EpsPlacement = Literal["denominator", "max"]
 EPS_PLACEMENTS: tuple[str, ...] = ("denominator", "max")
@@ -26,7 +26,7 @@ class AdamaxState(NamedTuple):
       m: Exponential moving average of the gradients, a tree like the parameters.
       u: Exponentially weighted infinity norm of the gradients, a tree like the
         parameters (real-valued, and never negative). With
-        ``lazy_rows="catch_up"`` each leaf is an ``adamax_jax._lazy.StampedRows``
+        ``lazy_rows="catch_up"`` each leaf is a :class:`~adamax_jax.StampedRows`
         node ``(moment, last_step)``: the stored ``u`` and the ``int32`` step
         each row was last brought up to date at.
     """
@@ -245,7 +245,7 @@ def scale_by_adamax(
         del params
         if not isinstance(state, AdamaxState):
             raise TypeError(
-                "adamax_jax: expected the state to be an AdamaxState, got "
+                "expected the state to be an AdamaxState, got "
                 f"{type(state).__name__}; a checkpoint restored without a target comes back "
                 "as plain dicts and lists: restore it onto jax.eval_shape(opt.init, params)"
             )
@@ -262,7 +262,7 @@ def scale_by_adamax(
 
         new_updates, new_m, new_u = [], [], []
         for (path, slot), m_slot, u_slot in zip(paths_and_slots, m_leaves, u_leaves, strict=True):
-            where = f"gradient {_validation.path_str(path)}"
+            where = f"gradient {_leaves.path_str(path)}"
             g = jnp.asarray(_wrapped.unwrap(slot))  # a leaf may be a Python float
             m_s, u_s = _wrapped.unwrap(m_slot), _wrapped.unwrap(u_slot)
             options.check_leaf_state(where, g, m_s, u_s)
@@ -300,7 +300,7 @@ class _Options:
     block_size: int
 
     def m_zeros(self, p: Any) -> Any:
-        p_dtype = jnp.result_type(p)  # not p.dtype: a leaf may be a Python float
+        p_dtype = _leaves.dtype_of(p)
         dtype = p_dtype if self.m_dtype is None else self.m_dtype
         if jnp.issubdtype(p_dtype, jnp.complexfloating) and not jnp.issubdtype(
             dtype, jnp.complexfloating
@@ -309,7 +309,7 @@ class _Options:
         return _storage.zeros(p, dtype, "m", state_bits=self.state_bits, block_size=self.block_size)
 
     def u_zeros(self, p: Any) -> Any:
-        dtype = _storage.real_dtype(jnp.result_type(p)) if self.u_dtype is None else self.u_dtype
+        dtype = _storage.real_dtype(_leaves.dtype_of(p)) if self.u_dtype is None else self.u_dtype
         u = _storage.zeros(p, dtype, "u", state_bits=self.state_bits, block_size=self.block_size)
         return _lazy.zeros(p, u) if self.lazy_rows == "catch_up" else u
 
@@ -317,13 +317,13 @@ class _Options:
         """Raises ValueError where a leaf's state was not made by this optimizer's init."""
         if tuple(g.shape) != tuple(m.shape) or tuple(g.shape) != tuple(u.shape):
             raise ValueError(
-                f"adamax_jax: {where} has shape {tuple(g.shape)} but its moments have "
+                f"{where} has shape {tuple(g.shape)} but its moments have "
                 f"shapes {tuple(m.shape)} (m) and {tuple(u.shape)} (u)"
             )
         if isinstance(u, _lazy.StampedRows) != (self.lazy_rows == "catch_up"):
             made = "without" if self.lazy_rows == "catch_up" else "with"
             raise ValueError(
-                f"adamax_jax: the state of {where} was made {made} "
+                f"the state of {where} was made {made} "
                 'lazy_rows="catch_up" (which keeps the step each row was last touched '
                 f"at), but this optimizer has lazy_rows={self.lazy_rows or False!r}; make "
                 "the state with init of the same configuration"

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.core import Tracer
 
-from adamax_jax import _wrapped
+from adamax_jax import _leaves, _wrapped
 
 # The step is computed in at least float32, so a bound that a Python float keeps
 # may be lost after rounding (b1 = 1 - 1e-8 is 1.0 in float32: 1 / (1 - b1**t) = inf).
@@ -124,10 +124,6 @@ def check_dtype_option(name: str, value: Any) -> jnp.dtype | None:
     return dtype
 
 
-def path_str(path: tuple[Any, ...]) -> str:
-    return jax.tree_util.keystr(path) or "<root>"
-
-
 def check_float_leaves(tree: Any, what: str) -> None:
     """Raises TypeError naming the first leaf that is not a float or complex array."""
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
@@ -140,7 +136,7 @@ def check_float_leaves(tree: Any, what: str) -> None:
             kind = f"type {type(leaf).__name__}"
         if not ok:
             raise TypeError(
-                f"adamax_jax: {what} leaf {path_str(path)} has {kind}; Adamax needs "
+                f"{what} leaf {_leaves.path_str(path)} has {kind}; Adamax needs "
                 "floating-point leaves (cast integer or boolean leaves to a float dtype, or "
                 "exclude them with optax.masked / optax.partition)"
             )
@@ -164,7 +160,7 @@ def flatten_like(
     except (ValueError, TypeError):
         pass
     raise ValueError(
-        "adamax_jax: the gradient tree does not match the optimizer state (first "
+        "the gradient tree does not match the optimizer state (first "
         f"difference: {_first_difference(updates, state_tree, what, is_leaf)}); was the "
         "state made by init on these parameters?"
     )
@@ -188,10 +184,12 @@ def _first_difference(
             None,
         )
         if owner is None:
-            orphan = orphan or path_str(sp)
+            orphan = orphan or _leaves.path_str(sp)
         else:
             owners.add(owner)
-    missing = next((path_str(p) for p in upaths if jax.tree_util.keystr(p) not in owners), None)
+    missing = next(
+        (_leaves.path_str(p) for p in upaths if jax.tree_util.keystr(p) not in owners), None
+    )
     parts = []
     if missing is not None:
         parts.append(f"{missing} is in the gradients but not in {what}")

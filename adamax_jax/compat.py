@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adamax_jax import _validation
+from adamax_jax import _leaves, _validation
 from adamax_jax._transform import scale_by_adamax
 
 __all__ = ["keras_adamax", "mlx_adamax", "paper_adamax", "torch_adamax"]
@@ -50,7 +50,7 @@ def torch_adamax(
     weight_decay: optax.ScalarOrSchedule = 0.0,
     *,
     maximize: bool = False,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""``torch.optim.Adamax``, step for step.
 
     .. math::
@@ -90,7 +90,7 @@ def torch_adamax(
       maximize: Ascend the objective instead of descending it.
 
     Returns:
-      An :class:`optax.GradientTransformation`.
+      An :class:`optax.GradientTransformationExtraArgs`.
 
     Raises:
       ValueError: For a concrete argument outside the range PyTorch accepts.
@@ -128,7 +128,7 @@ def torch_adamax(
     return optax.chain(
         # PyTorch negates the gradient first, then adds the decay term.
         optax.scale(-1.0) if maximize else optax.identity(),
-        _coupled_weight_decay(weight_decay),
+        _weight_decay(weight_decay),
         _complex_as_real_pairs(scale_by_adamax(b1, b2, eps, eps_placement="max")),
         optax.scale_by_learning_rate(lr),
     )
@@ -140,7 +140,7 @@ def keras_adamax(
     beta_2: jax.typing.ArrayLike = 0.999,
     epsilon: jax.typing.ArrayLike = 1e-7,
     weight_decay: optax.ScalarOrSchedule | None = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""``keras.optimizers.Adamax`` (Keras 3), step for step.
 
     .. math::
@@ -178,7 +178,7 @@ def keras_adamax(
         ``update`` needs ``params``.
 
     Returns:
-      An :class:`optax.GradientTransformation`.
+      An :class:`optax.GradientTransformationExtraArgs`.
 
     Raises:
       ValueError: For a concrete argument out of range.
@@ -205,11 +205,7 @@ def keras_adamax(
     if weight_decay is not None:
         _check_weight_decay("weight_decay", weight_decay)
 
-    decay = (
-        optax.identity()
-        if weight_decay is None or _is_python_zero(weight_decay)
-        else optax.add_decayed_weights(weight_decay)
-    )
+    decay = _weight_decay(0.0 if weight_decay is None else weight_decay)
     return optax.chain(
         scale_by_adamax(beta_1, beta_2, epsilon, eps_placement="denominator"),
         # Decay after the core, before the learning rate: the step becomes
@@ -223,7 +219,7 @@ def mlx_adamax(
     learning_rate: optax.ScalarOrSchedule,
     betas: Betas = (0.9, 0.999),
     eps: jax.typing.ArrayLike = 1e-8,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""``mlx.optimizers.Adamax``, step for step: Adamax without bias correction.
 
     .. math::
@@ -244,7 +240,7 @@ def mlx_adamax(
       eps: Non-negative :math:`\epsilon`, added to :math:`u_t`.
 
     Returns:
-      An :class:`optax.GradientTransformation`.
+      An :class:`optax.GradientTransformationExtraArgs`.
 
     Raises:
       ValueError: For a concrete argument out of range.
@@ -280,7 +276,7 @@ def paper_adamax(
     alpha: optax.ScalarOrSchedule = 0.002,
     beta1: jax.typing.ArrayLike = 0.9,
     beta2: jax.typing.ArrayLike = 0.999,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""Adamax exactly as Kingma & Ba (2015) state it: Algorithm 2, no epsilon.
 
     .. math::
@@ -302,7 +298,7 @@ def paper_adamax(
       beta2: Decay rate of the infinity norm, in ``[0, 1]``.
 
     Returns:
-      An :class:`optax.GradientTransformation`.
+      An :class:`optax.GradientTransformationExtraArgs`.
 
     Raises:
       ValueError: For a concrete argument out of range.
@@ -360,16 +356,18 @@ def _unpack_betas(name: str, betas: Any) -> tuple[Any, Any]:
     return betas[0], betas[1]
 
 
-def _coupled_weight_decay(weight_decay: optax.ScalarOrSchedule) -> optax.GradientTransformation:
-    """PyTorch's L2 term ``g + wd * theta``; skipped (no params needed) for a literal 0."""
+def _weight_decay(weight_decay: optax.ScalarOrSchedule) -> optax.GradientTransformation:
+    """Adds ``wd * theta`` to the updates; skipped (no params needed) for a literal 0.
+
+    Where it sits in the chain makes it PyTorch's coupled L2 term (before the
+    core) or Keras' decoupled decay (after it)."""
     if _is_python_zero(weight_decay):
         return optax.identity()
     return optax.add_decayed_weights(weight_decay)
 
 
 def _is_complex(x: Any) -> bool:
-    dtype = x.dtype if hasattr(x, "dtype") else jnp.result_type(x)
-    return jnp.issubdtype(dtype, jnp.complexfloating)
+    return jnp.issubdtype(_leaves.dtype_of(x), jnp.complexfloating)
 
 
 def _to_real_pairs(x: Any) -> Any:

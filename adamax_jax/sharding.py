@@ -25,11 +25,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from adamax_jax import _packed
+from adamax_jax import _leaves, _packed
 
 __all__ = ["state_sharding"]
 
@@ -158,13 +157,15 @@ def state_sharding(
     layouts = param_treedef.unflatten([_param_layout(path, p, mesh) for path, p in param_leaves])
 
     def other_leaf(leaf: Any) -> NamedSharding:
-        return NamedSharding(mesh, _zero_split(PartitionSpec(), _shape_of(leaf), zero_axes, mesh))
+        return NamedSharding(
+            mesh, _zero_split(PartitionSpec(), _leaves.shape_of(leaf), zero_axes, mesh)
+        )
 
     def piece_sharding(piece: Any, layout: _ParamLayout) -> Any:
         # One parameter's piece of state: an array, or a node of arrays for compact
         # storage, whose leaves of another shape cannot follow the parameter's spec.
         def leaf_sharding(leaf: Any) -> NamedSharding:
-            shape = _shape_of(leaf)
+            shape = _leaves.shape_of(leaf)
             spec = _zero_split(layout.spec, layout.shape, zero_axes, mesh)
             if shape == layout.shape:
                 return NamedSharding(mesh, spec)
@@ -197,7 +198,7 @@ class _ParamLayout:
 
 def _param_layout(path: Any, leaf: Any, mesh: Mesh) -> _ParamLayout:
     spec = _param_spec(path, leaf, mesh)  # first: it names a leaf it cannot read
-    return _ParamLayout(_shape_of(leaf), _packed.leaf_dtype(leaf), spec)
+    return _ParamLayout(_leaves.shape_of(leaf), _leaves.dtype_of(leaf), spec)
 
 
 def _map_pieces(fn: Callable[[Any, _ParamLayout], Any], state: Any, layouts: Any) -> Any:
@@ -223,7 +224,7 @@ def _map_pieces(fn: Callable[[Any, _ParamLayout], Any], state: Any, layouts: Any
     layout_children, layout_node = _children(layouts)
     if state_node != layout_node:
         raise ValueError(
-            "state_sharding: a parameter-shaped part of the optimizer state does not "
+            "a parameter-shaped part of the optimizer state does not "
             f"match the parameters: {state_node} in the state against {layout_node}"
         )
     return state_node.unflatten(
@@ -254,11 +255,6 @@ def _check_zero_axis(zero_axis: str | Sequence[str] | None, mesh: Mesh) -> _Axes
     return axes
 
 
-def _shape_of(leaf: Any) -> tuple[int, ...]:
-    shape = getattr(leaf, "shape", None)
-    return tuple(np.shape(leaf) if shape is None else shape)
-
-
 def _entry_axes(entry: Any) -> _Axes:
     """The mesh axes one partition-spec entry shards a dimension over."""
     if entry is None or entry is PartitionSpec.UNCONSTRAINED:
@@ -268,7 +264,7 @@ def _entry_axes(entry: Any) -> _Axes:
 
 def _param_spec(path: Any, leaf: Any, mesh: Mesh) -> PartitionSpec:
     """The partition spec a parameter leaf is laid out with, checked against ``mesh``."""
-    where = jax.tree_util.keystr(path) or "<root>"
+    where = _leaves.path_str(path)
     sharding = getattr(leaf, "sharding", None)
     if sharding is None:
         return PartitionSpec()

@@ -23,7 +23,6 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import adamax_jax as ax
-from adamax_jax import _quantize
 
 STEPS = 3
 
@@ -157,7 +156,7 @@ def test_eager_8bit_update_on_explicit_mesh() -> None:
     with jax.set_mesh(mesh):
         sharded = {"w": jax.device_put(w, NamedSharding(mesh, P(None, "model")))}
         state = opt.init(sharded)
-        assert isinstance(state[0].u["w"], _quantize.QuantizedU)
+        assert isinstance(state[0].u["w"], ax.QuantizedU)
         updates, _ = opt.update(sharded, state)
     assert updates["w"].sharding.spec == P(None, "model")
     np.testing.assert_allclose(np.asarray(updates["w"]), np.asarray(expected[0]["w"]), atol=1e-7)
