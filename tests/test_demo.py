@@ -46,6 +46,7 @@ def demo_run(tmp_path_factory):
     return out, demo.main(["--steps", "25", "--toy-steps", "600", "--out", str(out)])
 
 
+@pytest.mark.slow
 def test_writes_the_plots_and_the_summary(demo_run):
     out, results = demo_run
     names = sorted(p.name for p in results.files)
@@ -56,6 +57,7 @@ def test_writes_the_plots_and_the_summary(demo_run):
     assert (out / "summary.md").read_text().strip() == results.tables
 
 
+@pytest.mark.slow
 def test_toy_problems_match_the_seed_loop_and_reach_the_minima(demo_run):
     _, results = demo_run
     one, two = results.toys
@@ -71,6 +73,7 @@ def test_toy_problems_match_the_seed_loop_and_reach_the_minima(demo_run):
     assert one.path.shape == (601, 1) and two.path.shape == (601, 2)
 
 
+@pytest.mark.slow
 def test_every_optimizer_trains(demo_run, capsys):
     _, results = demo_run
     assert [r.name for r in results.training] == list(demo.digits_optimizers())

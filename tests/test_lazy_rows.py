@@ -223,6 +223,7 @@ def test_catch_up_with_skip_nonfinite_matches_dense_skip_nonfinite_on_touched_ro
 # --- 8-bit state -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("shape", "rows_per_stamp"),
     [((64, 256), 1), ((512, 16), 16), ((80, 100), 64), ((8192,), 256)],

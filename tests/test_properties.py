@@ -241,6 +241,7 @@ def _varied_blocks(grads: np.ndarray, seed: int) -> np.ndarray:
     return out.astype(np.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", EIGHT_BIT_STRUCTURES, ids=_id)
 @_settings(6)
 @given(bs=betas(), grads=grad_sequences(1e22), seed=st.integers(0, 2**32 - 1))
