@@ -1,20 +1,29 @@
 """Independent float64 NumPy transcriptions of Adamax, written from the formulas.
 
-These are the yardsticks the tests measure adamax_jax against. They follow the
-seed documents (deep-ml #148's ``adamax_update``) and Kingma & Ba's Algorithm 2,
-with the eps placement and bias correction as switches.
+These are the yardsticks the tests measure adamax_jax against: the one transcription
+every test shares, so that a convention is written down once. They follow the seed
+documents (deep-ml #148's ``adamax_update``) and Kingma & Ba's Algorithm 2, with the
+eps placement, bias correction, Nesterov numerator, decoupled weight decay
+(AdamW-style, as ``adamaxw``) and TensorFlow's sparse rows as switches. Nothing here
+imports adamax_jax.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
+
+# A hyperparameter: a constant, or a schedule of the 0-based step count (as optax's).
+Hyper = float | Callable[[int], float]
 
 
 def adamax_update(
-    params: np.ndarray,
-    grads: np.ndarray,
-    m: np.ndarray,
-    u: np.ndarray,
+    params: Any,
+    grads: Any,
+    m: Any,
+    u: Any,
     t: int,
     lr: float = 0.002,
     beta1: float = 0.9,
@@ -24,41 +33,77 @@ def adamax_update(
     eps_placement: str = "denominator",
     bias_correction: bool = True,
     nesterov: bool = False,
+    weight_decay: float = 0.0,
+    rows: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One Adamax step at step number ``t`` (1-based); returns (params, m, u).
 
     ``nesterov=True`` takes the NAdam-form numerator (Dozat 2016, as in optax.nadam):
     ``b1 m_t / (1 - b1**(t+1)) + (1 - b1) g_t / (1 - b1**t)``.
+    ``weight_decay`` is decoupled (Loshchilov & Hutter): ``lr * weight_decay * params``
+    of the previous parameters is subtracted beside the Adamax step, outside the
+    moments. ``rows`` (booleans along axis 0) is TensorFlow's sparse update: only
+    those rows step; the others keep their parameters and moments, and ``t`` stays
+    the global step.
     """
     params, grads, m, u = (np.asarray(x, np.float64) for x in (params, grads, m, u))
-    m = beta1 * m + (1.0 - beta1) * grads
+    new_m = beta1 * m + (1.0 - beta1) * grads
     if eps_placement == "max":
-        u = np.maximum(beta2 * u, np.abs(grads) + epsilon)
-        denom = u
+        new_u = np.maximum(beta2 * u, np.abs(grads) + epsilon)
+        denom = new_u
     else:
-        u = np.maximum(beta2 * u, np.abs(grads))
-        denom = u + epsilon
+        new_u = np.maximum(beta2 * u, np.abs(grads))
+        denom = new_u + epsilon
     if nesterov and bias_correction:
-        m_hat = beta1 * m / (1.0 - beta1 ** (t + 1)) + (1.0 - beta1) * grads / (1.0 - beta1**t)
+        m_hat = beta1 * new_m / (1.0 - beta1 ** (t + 1)) + (1.0 - beta1) * grads / (1.0 - beta1**t)
     elif nesterov:
-        m_hat = beta1 * m + (1.0 - beta1) * grads
+        m_hat = beta1 * new_m + (1.0 - beta1) * grads
     else:
-        m_hat = m / (1.0 - beta1**t) if bias_correction else m
+        m_hat = new_m / (1.0 - beta1**t) if bias_correction else new_m
     with np.errstate(divide="ignore", invalid="ignore"):
         step = np.where(denom > 0, m_hat / np.where(denom > 0, denom, 1.0), 0.0)
-    return params - lr * step, m, u
+    new_params = params - lr * step - lr * weight_decay * params
+    if rows is None:
+        return new_params, new_m, new_u
+    keep = np.reshape(np.asarray(rows, bool), (-1,) + (1,) * (params.ndim - 1))
+    return np.where(keep, new_params, params), np.where(keep, new_m, m), np.where(keep, new_u, u)
 
 
-def adamax_trajectory(params, grad_fn, steps, **kw):
-    """Runs ``steps`` reference steps with gradients ``grad_fn(params)``."""
-    p = np.asarray(params, np.float64)
-    m = np.zeros_like(p)
-    u = np.zeros_like(p)
-    out = []
+def _at(value: Hyper, count: int) -> float:
+    return float(value(count)) if callable(value) else float(value)
+
+
+def adamax_trajectory(
+    params: Any,
+    grad_fn: Callable[[Any], Any],
+    steps: int,
+    *,
+    lr: Hyper = 0.002,
+    weight_decay: Hyper = 0.0,
+    **kw: Any,
+) -> tuple[Any, Any, Any]:
+    """Runs ``steps`` reference steps with gradients ``grad_fn(params)``.
+
+    ``params`` is an array or a dict of arrays (``grad_fn`` then takes and returns a
+    dict, so leaves may interact); ``lr`` and ``weight_decay`` may be schedules of the
+    0-based count. Returns (params after each step stacked on a leading axis, final
+    m, final u), with the same structure as ``params``.
+    """
+    tree = isinstance(params, dict)
+    p = {k: np.asarray(v, np.float64) for k, v in (params if tree else {"": params}).items()}
+    m = {k: np.zeros_like(v) for k, v in p.items()}
+    u = {k: np.zeros_like(v) for k, v in p.items()}
+    path: dict[str, list[np.ndarray]] = {k: [] for k in p}
     for t in range(1, steps + 1):
-        p, m, u = adamax_update(p, grad_fn(p), m, u, t, **kw)
-        out.append(p)
-    return np.stack(out), m, u
+        g = grad_fn(p) if tree else {"": grad_fn(p[""])}
+        lr_t, wd_t = _at(lr, t - 1), _at(weight_decay, t - 1)
+        for k in p:
+            p[k], m[k], u[k] = adamax_update(
+                p[k], g[k], m[k], u[k], t, lr_t, weight_decay=wd_t, **kw
+            )
+            path[k].append(p[k])
+    out = {k: np.stack(v) for k, v in path.items()}
+    return (out, m, u) if tree else (out[""], m[""], u[""])
 
 
 def step_bound(b1: float, b2: float, t: int) -> float:

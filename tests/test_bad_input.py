@@ -310,10 +310,15 @@ def test_negative_learning_rate_ascends():
     tx = ax.adamax(learning_rate=optax.constant_schedule(-0.1))
     x = jnp.zeros(2)
     state = tx.init(x)
+
+    @jax.jit
+    def step(x, state):
+        updates, state = tx.update(jax.grad(f)(x), state)
+        return optax.apply_updates(x, updates), state
+
     values = [float(f(x))]
     for _ in range(50):
-        updates, state = tx.update(jax.grad(f)(x), state)
-        x = optax.apply_updates(x, updates)
+        x, state = step(x, state)
         values.append(float(f(x)))
     assert all(b >= a for a, b in itertools.pairwise(values))
     assert values[0] == -18.0 and values[-1] > -0.2  # climbed to near the maximum, 0

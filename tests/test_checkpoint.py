@@ -175,6 +175,7 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, name):
     assert_bit_identical(resumed, uninterrupted)
 
 
+@pytest.mark.slow
 def test_sharded_state_restores_onto_its_sharding(tmp_path):
     mesh = jax.make_mesh((8,), ("data",))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))

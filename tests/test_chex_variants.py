@@ -4,8 +4,8 @@
 ``jax.jit``, and under ``jax.pmap`` over the 8 simulated devices (the arguments broadcast
 to every device, the first device's result compared). Each variant steps along a
 trajectory and is checked, step by step, against float64 NumPy transcriptions of the
-formulas (``tests/_reference.py`` for Adamax, the decoupled decay and the Nesterov
-look-ahead written out below), so a transform that traces differently under one
+formulas (``tests/_reference.py``: Adamax, its decoupled decay and its Nesterov
+look-ahead), so a transform that traces differently under one
 transformation, or leaks Python state between steps, fails here.
 """
 
@@ -39,18 +39,13 @@ def _adamax_ref(p, g, m, u, t):
 
 
 def _adamaxw_ref(p, g, m, u, t):
-    # Decoupled decay: lr * wd * p added to the Adamax step, outside the moments.
-    new_p, m, u = _adamax_ref(p, g, m, u, t)
-    return new_p - LR * WEIGHT_DECAY * p, m, u
+    return adamax_update(
+        p, g, m, u, t, lr=LR, beta1=B1, beta2=B2, epsilon=EPS, weight_decay=WEIGHT_DECAY
+    )
 
 
 def _nadamax_ref(p, g, m, u, t):
-    # Dozat's NAdam look-ahead with Adamax's infinity norm: the bias-corrected
-    # momentum of the next step plus the corrected current gradient.
-    m = B1 * m + (1 - B1) * g
-    u = np.maximum(B2 * u, np.abs(g))
-    m_hat = B1 * m / (1 - B1 ** (t + 1)) + (1 - B1) * g / (1 - B1**t)
-    return p - LR * m_hat / (u + EPS), m, u
+    return adamax_update(p, g, m, u, t, lr=LR, beta1=B1, beta2=B2, epsilon=EPS, nesterov=True)
 
 
 OPTIMIZERS: dict[str, tuple[optax.GradientTransformation, Reference]] = {

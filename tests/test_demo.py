@@ -1,7 +1,7 @@
 """Smoke test of ``python -m adamax_jax.demo`` so the demo cannot rot.
 
-The demo's numbers are checked against a NumPy float64 transcription of the seed
-tutorial's Adamax loop written here, independent of the library and the demo.
+The demo's numbers are checked against the tests' float64 NumPy transcription of
+Adamax (tests/_reference.py), independent of the library and the demo.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ pytest.importorskip("matplotlib")
 
 import adamax_jax
 from adamax_jax import demo
+from tests._reference import adamax_trajectory
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -34,16 +35,9 @@ def _python(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _numpy_adamax(grad, x0, steps, lr=0.01, b1=0.9, b2=0.999, eps=1e-8):
-    x = np.array(x0, np.float64)
-    m = np.zeros_like(x)
-    u = np.zeros_like(x)
-    for t in range(1, steps + 1):
-        g = grad(x)
-        m = b1 * m + (1 - b1) * g
-        u = np.maximum(b2 * u, np.abs(g))
-        x = x - lr / (1 - b1**t) * m / (u + eps)
-    return x
+def _numpy_adamax(grad, x0, steps):
+    """The seed loop's last iterate: lr 0.01 and Adamax's defaults, in float64."""
+    return adamax_trajectory(np.array(x0), grad, steps, lr=0.01)[0][-1]
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +46,7 @@ def demo_run(tmp_path_factory):
     return out, demo.main(["--steps", "25", "--toy-steps", "600", "--out", str(out)])
 
 
+@pytest.mark.slow
 def test_writes_the_plots_and_the_summary(demo_run):
     out, results = demo_run
     names = sorted(p.name for p in results.files)
@@ -62,6 +57,7 @@ def test_writes_the_plots_and_the_summary(demo_run):
     assert (out / "summary.md").read_text().strip() == results.tables
 
 
+@pytest.mark.slow
 def test_toy_problems_match_the_seed_loop_and_reach_the_minima(demo_run):
     _, results = demo_run
     one, two = results.toys
@@ -77,6 +73,7 @@ def test_toy_problems_match_the_seed_loop_and_reach_the_minima(demo_run):
     assert one.path.shape == (601, 1) and two.path.shape == (601, 2)
 
 
+@pytest.mark.slow
 def test_every_optimizer_trains(demo_run, capsys):
     _, results = demo_run
     assert [r.name for r in results.training] == list(demo.digits_optimizers())

@@ -146,7 +146,7 @@ def test_every_constructor_takes_catch_up(make):
     grads = {"table": jnp.zeros((4, 3)).at[1].set(1.0)}
     tx = make(lazy_rows="catch_up")
     state = tx.init(grads)
-    updates, state = tx.update(grads, state, grads)
+    updates, state = jax.jit(tx.update)(grads, state, grads)
     stamped = _adamax_state(state).u["table"]
     assert isinstance(stamped, _lazy.StampedRows)
     np.testing.assert_array_equal(stamped.last_step, [0, 1, 0, 0])
@@ -223,6 +223,7 @@ def test_catch_up_with_skip_nonfinite_matches_dense_skip_nonfinite_on_touched_ro
 # --- 8-bit state -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("shape", "rows_per_stamp"),
     [((64, 256), 1), ((512, 16), 16), ((80, 100), 64), ((8192,), 256)],
@@ -254,10 +255,13 @@ def test_catch_up_with_8bit_state(shape, rows_per_stamp):
         freeze_errors.append(np.abs(np.asarray(fd) - want)[touched].ravel())
         assert not np.any(np.asarray(d)[~touched])
         # A group of rows without gradient keeps its u codes, scales and stamp exactly.
+        # (Compared in NumPy: a boolean index into a jax.Array compiles a gather for
+        # each new count of True.)
         group = np.pad(touched, (0, -len(touched) % rows_per_stamp))
         idle = ~group.reshape(-1, rows_per_stamp).any(axis=1)
-        np.testing.assert_array_equal(state.u.last_step[idle], before.u.last_step[idle])
-        np.testing.assert_array_equal(state.u.last_step[~idle], t)
+        stamps, old_stamps = np.asarray(state.u.last_step), np.asarray(before.u.last_step)
+        np.testing.assert_array_equal(stamps[idle], old_stamps[idle])
+        np.testing.assert_array_equal(stamps[~idle], t)
         idle_rows = np.repeat(idle, rows_per_stamp)[: shape[0]]
         codes, old = np.asarray(state.u.moment.codes), np.asarray(before.u.moment.codes)
         np.testing.assert_array_equal(codes[idle_rows], old[idle_rows])

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import adamax_jax as ax
-from tests._reference import adamax_update
+from tests._reference import adamax_trajectory, adamax_update
 
 STEPS = 300
 
@@ -56,32 +56,17 @@ def _max_diff(a, b) -> float:
 # --------------------------------------------------------------------------- nadamax
 
 
-def _nadamax_numpy(lr, b1, b2, eps, eps_placement):
-    """The NAdam-form Adamax, transcribed from its formula in float64."""
-    p = {k: v.astype(np.float64) for k, v in _p0().items()}
-    m = {k: np.zeros_like(v) for k, v in p.items()}
-    u = {k: np.zeros_like(v) for k, v in p.items()}
-    path = {k: [] for k in p}
-    for t in range(1, STEPS + 1):
-        g = _grad(p, np)
-        for k in p:
-            m[k] = b1 * m[k] + (1 - b1) * g[k]
-            if eps_placement == "max":
-                u[k] = np.maximum(b2 * u[k], np.abs(g[k]) + eps)
-                denom = u[k]
-            else:
-                u[k] = np.maximum(b2 * u[k], np.abs(g[k]))
-                denom = u[k] + eps
-            m_hat = b1 * m[k] / (1 - b1 ** (t + 1)) + (1 - b1) * g[k] / (1 - b1**t)
-            p[k] = p[k] - lr * m_hat / denom
-            path[k].append(p[k])
-    return {k: np.stack(v) for k, v in path.items()}
+def _numpy_path(**kw) -> dict[str, np.ndarray]:
+    """The float64 reference trajectory (tests/_reference.py) on this file's problem."""
+    return adamax_trajectory(_p0(), lambda p: _grad(p, np), STEPS, **kw)[0]
 
 
 @pytest.mark.parametrize("eps_placement", ["denominator", "max"])
 def test_nadamax_matches_numpy_transcription(eps_placement):
     lr, b1, b2, eps = 0.01, 0.85, 0.99, 1e-3
-    ref = _nadamax_numpy(lr, b1, b2, eps, eps_placement)
+    ref = _numpy_path(
+        lr=lr, beta1=b1, beta2=b2, epsilon=eps, eps_placement=eps_placement, nesterov=True
+    )
     ours, _ = _run(ax.nadamax(lr, b1, b2, eps, eps_placement=eps_placement))
     diff = _max_diff(ours, ref)
     print(f"\nnadamax ({eps_placement}) vs float64 NumPy: max abs diff {diff:.2e}")
@@ -133,21 +118,6 @@ def test_adamaxw_decay_is_decoupled_and_scaled_by_learning_rate():
     np.testing.assert_allclose(path["w"], _p0()["w"] * expected, rtol=1e-6)
 
 
-def _adamaxw_numpy(lr_fn, wd_fn, b1, b2, eps):
-    p = {k: v.astype(np.float64) for k, v in _p0().items()}
-    m = {k: np.zeros_like(v) for k, v in p.items()}
-    u = {k: np.zeros_like(v) for k, v in p.items()}
-    path = {k: [] for k in p}
-    for t in range(1, STEPS + 1):
-        g = _grad(p, np)
-        lr, wd = lr_fn(t - 1), wd_fn(t - 1)  # schedules see the 0-based count
-        for k in p:
-            stepped, m[k], u[k] = adamax_update(p[k], g[k], m[k], u[k], t, lr, b1, b2, eps)
-            p[k] = stepped - lr * wd * p[k]  # decoupled: decay of the previous parameters
-            path[k].append(p[k])
-    return {k: np.stack(v) for k, v in path.items()}
-
-
 def test_adamaxw_learning_rate_and_weight_decay_schedules_match_numpy():
     def lr_np(c):  # linear warm-up over 20 steps, then cosine decay to 0 at 300
         if c < 20:
@@ -160,12 +130,12 @@ def test_adamaxw_learning_rate_and_weight_decay_schedules_match_numpy():
     lr = optax.warmup_cosine_decay_schedule(0.0, 0.05, 20, 300, end_value=0.0)
     wd = optax.linear_schedule(0.2, 0.0, 150)
     ours, _ = _run(ax.adamaxw(lr, 0.9, 0.999, 1e-8, weight_decay=wd))
-    ref = _adamaxw_numpy(lr_np, wd_np, 0.9, 0.999, 1e-8)
+    ref = _numpy_path(lr=lr_np, weight_decay=wd_np, beta1=0.9, beta2=0.999, epsilon=1e-8)
     diff = _max_diff(ours, ref)
     print(f"\nadamaxw with lr and wd schedules vs float64 NumPy: max abs diff {diff:.2e}")
     assert diff < 1e-5
     # The schedules matter here: constants at their initial values end elsewhere.
-    const = _adamaxw_numpy(lambda c: 0.05, lambda c: 0.2, 0.9, 0.999, 1e-8)
+    const = _numpy_path(lr=0.05, weight_decay=0.2, beta1=0.9, beta2=0.999, epsilon=1e-8)
     assert _max_diff(const, ref) > 1e-2
 
 
@@ -205,11 +175,7 @@ def _lazy_numpy(table0, grads, lr, b1, b2, eps):
     m = np.zeros_like(p)
     u = np.zeros_like(p)
     for t in range(1, grads.shape[0] + 1):
-        for r in np.flatnonzero(_touched_rows(t)):
-            g = grads[t - 1, r]
-            m[r] = b1 * m[r] + (1 - b1) * g
-            u[r] = np.maximum(b2 * u[r], np.abs(g))
-            p[r] = p[r] - lr / (1 - b1**t) * m[r] / (u[r] + eps)
+        p, m, u = adamax_update(p, grads[t - 1], m, u, t, lr, b1, b2, eps, rows=_touched_rows(t))
     return p, m, u
 
 
