@@ -110,7 +110,7 @@ class _Layout:
             if s.group is not None:
                 dtypes[s.group].append(jnp.dtype(leaf_dtype(leaf)))
         # Dtypes, not arrays: a Python-scalar leaf must not make a buffer weakly typed.
-        return {g: jnp.result_type(*d) if d else jnp.dtype(g) for g, d in dtypes.items()}
+        return {g: jnp.result_type(*d) for g, d in dtypes.items()}  # no group is empty
 
     def pack(self, leaves: list[Any]) -> PackedTree:
         large = tuple(leaf for leaf, s in zip(leaves, self.slots, strict=True) if s.group is None)
@@ -360,15 +360,30 @@ def packed(
         mixes many leaves.
       - Per-parameter options of ``transform`` that refer to the parameter tree,
         such as the ``mask`` of :func:`adamax_jax.adamaxw`, would see the packed
-        tree; put them outside instead: ``optax.chain(packed(scale_by_adamax()),
+        tree and select other elements than meant. ``init`` refuses any
+        ``optax.masked`` inside (so also ``add_decayed_weights(mask=...)``,
+        ``optax.partition``, ``optax.multi_transform``) with a ``ValueError``;
+        put them outside instead: ``optax.chain(packed(scale_by_adamax()),
         optax.add_decayed_weights(wd, mask), optax.scale_by_learning_rate(lr))``.
         ``optax.masked(packed(...), mask)`` works: masked-out leaves are not
         packed.
       - The state is not shaped like the parameters:
         ``optax.tree_utils.tree_map_params`` applies its function to each packed
         buffer and large leaf, and cannot pair them with parameter-shaped trees.
-      - Gradients must have the parameters' structure, shapes and dtypes, as
-        ``jax.grad`` gives them; anything else raises ``ValueError``.
+      - Gradients must have the parameters' structure and shapes, as ``jax.grad``
+        gives them, but may have other float dtypes: they are packed by the
+        parameters' dtypes recorded at ``init`` (float32 gradients of bfloat16
+        parameters join the bfloat16 parameters' buffer, which then holds them
+        in float32), so that the state keeps the dtypes ``init`` gave it, as
+        unpacked. Where gradients of several dtypes share a buffer, it holds
+        them in their promoted dtype and each update is cast back to its
+        gradient's dtype at the end: rounded once, where
+        :func:`adamax_jax.adamax` unpacked rounds it after its core step and
+        again after the learning rate (1 ulp apart), and a transform whose
+        updates take a wider state's dtype (``optax.adam`` on float32 state
+        with bfloat16 gradients) gives them unpacked in that dtype. Other
+        structures, shapes, or integer or complex gradients of real parameters
+        raise ``ValueError``.
       - With sharded parameters, keep ``max_leaf_size`` below the size of the
         sharded leaves: large leaves keep their sharding, and the packed
         buffers of small (typically replicated) leaves are laid out by XLA.
@@ -403,9 +418,10 @@ def packed(
 
     Raises:
       TypeError: At construction, if ``max_leaf_size`` is not an integer.
-      ValueError: At construction, if ``max_leaf_size`` is negative; at update,
-        if the gradients or params do not pack like the parameters given to
-        ``init``.
+      ValueError: At construction, if ``max_leaf_size`` is negative; at ``init``,
+        if ``transform`` masks or partitions the parameters (see Notes) or its
+        ``init`` fails only on the packed tree; at update, if the gradients or
+        params do not pack like the parameters given to ``init``.
 
     Example:
       >>> import jax, jax.numpy as jnp
