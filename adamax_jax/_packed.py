@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, NamedTuple, cast
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -28,19 +28,30 @@ from adamax_jax import _explicit
 DEFAULT_MAX_LEAF_SIZE = 8192
 
 
-class PackedTree(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class PackedTree:
     """What the inner transform of :func:`packed` sees in place of the parameters.
 
     Attributes:
       large: The leaves with more than ``max_leaf_size`` elements, unchanged, in
         the order of ``jax.tree.leaves``.
-      small: For each dtype, keyed by its name (``"float32"``, ``"bfloat16"``,
-        ...), the other leaves of that dtype raveled and concatenated in tree
-        order: a 1-D array.
+      small: For each dtype of the parameters given to ``init``, keyed by its name
+        (``"float32"``, ``"bfloat16"``, ...), the other leaves of that dtype raveled
+        and concatenated in tree order: a 1-D array.
+      leaf_groups: For each leaf of the original tree, in the order of
+        ``jax.tree.leaves``, the key of the buffer in ``small`` that holds it, or
+        ``None`` for a large leaf. Static (part of the tree structure): it is how
+        ``update``, which may be called without the parameters, packs gradients of
+        another dtype (float32 gradients of bfloat16 parameters) like the
+        parameters.
     """
 
     large: tuple[Any, ...]
     small: dict[str, Any]
+    leaf_groups: tuple[str | None, ...] = dataclasses.field(repr=False, metadata={"static": True})
+
+
+jax.tree_util.register_dataclass(PackedTree)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,46 +60,79 @@ class _Slot:
 
     shape: tuple[int, ...]
     size: int
-    group: str | None  # dtype name of its flat buffer; None for a large leaf
+    group: str | None  # key of its flat buffer; None for a large leaf
     index: int  # position in PackedTree.large, or offset of the leaf in its buffer
 
 
 @dataclasses.dataclass(frozen=True)
 class _Layout:
-    """How a list of leaves maps onto a :class:`PackedTree`: a function of shapes and dtypes."""
+    """How a list of leaves maps onto a :class:`PackedTree`: a group per leaf, and shapes."""
 
     slots: tuple[_Slot, ...]
+    leaf_groups: tuple[str | None, ...]
     groups: tuple[str, ...]
 
     @classmethod
     def of(cls, leaves: list[Any], max_leaf_size: int) -> _Layout:
+        """The layout ``init`` gives ``leaves``: small leaves grouped by their dtype."""
+        return cls.recorded(
+            tuple(
+                None if _size(np.shape(leaf)) > max_leaf_size else jnp.dtype(leaf_dtype(leaf)).name
+                for leaf in leaves
+            ),
+            leaves,
+        )
+
+    @classmethod
+    def recorded(cls, leaf_groups: tuple[str | None, ...], leaves: list[Any]) -> _Layout:
+        """The layout ``leaf_groups`` (one group per leaf) gives leaves shaped like ``leaves``."""
         slots, n_large, fill = [], 0, {}
-        for leaf in leaves:
+        for group, leaf in zip(leaf_groups, leaves, strict=True):
             shape = tuple(int(d) for d in np.shape(leaf))
-            size = int(np.prod(shape, dtype=np.int64))
-            if size > max_leaf_size:
+            size = _size(shape)
+            if group is None:
                 slots.append(_Slot(shape, size, None, n_large))
                 n_large += 1
             else:
-                group = jnp.dtype(leaf_dtype(leaf)).name
                 offset = fill.get(group, 0)
                 slots.append(_Slot(shape, size, group, offset))
                 fill[group] = offset + size
-        return cls(tuple(slots), tuple(sorted(fill)))
+        return cls(tuple(slots), leaf_groups, tuple(sorted(fill)))
+
+    def buffer_dtypes(self, leaves: list[Any]) -> dict[str, Any]:
+        """The dtype each buffer holds ``leaves`` in: their promoted dtype in that group.
+
+        Leaves of one group share a dtype at ``init``; gradients may not (float32 and
+        bfloat16 gradients of two bfloat16 parameters), and a buffer needs one.
+        """
+        dtypes: dict[str, list[Any]] = {g: [] for g in self.groups}
+        for leaf, s in zip(leaves, self.slots, strict=True):
+            if s.group is not None:
+                dtypes[s.group].append(jnp.dtype(leaf_dtype(leaf)))
+        # Dtypes, not arrays: a Python-scalar leaf must not make a buffer weakly typed.
+        return {g: jnp.result_type(*d) for g, d in dtypes.items()}  # no group is empty
 
     def pack(self, leaves: list[Any]) -> PackedTree:
         large = tuple(leaf for leaf, s in zip(leaves, self.slots, strict=True) if s.group is None)
+        dtypes = self.buffer_dtypes(leaves)
         parts: dict[str, list[Any]] = {g: [] for g in self.groups}
         for leaf, s in zip(leaves, self.slots, strict=True):
             if s.group is not None:
                 # Explicit axes refuse to ravel a leaf sharded past its first dimension:
                 # small leaves are gathered first (they are usually replicated anyway).
-                parts[s.group].append(jnp.ravel(_explicit.replicated(leaf)))
+                flat = jnp.ravel(_explicit.replicated(leaf))
+                parts[s.group].append(flat.astype(dtypes[s.group]))
         small = {g: p[0] if len(p) == 1 else jnp.concatenate(p) for g, p in parts.items()}
-        return PackedTree(large, small)
+        return PackedTree(large, small, self.leaf_groups)
 
     def unpack(self, tree: PackedTree, like: list[Any]) -> list[Any]:
-        """The leaves of ``tree``, each laid out like its counterpart in ``like``."""
+        """The leaves of ``tree``, each laid out like its counterpart in ``like``.
+
+        A leaf of ``like`` that was promoted into its buffer (see :meth:`buffer_dtypes`)
+        gets its piece back in its own dtype, as a transform that keeps each
+        gradient's dtype (adamax_jax's own) would give it unpacked.
+        """
+        dtypes = self.buffer_dtypes(like)
         out = []
         for s, leaf in zip(self.slots, like, strict=True):
             if s.group is None:
@@ -96,8 +140,15 @@ class _Layout:
             else:
                 piece = jax.lax.slice_in_dim(tree.small[s.group], s.index, s.index + s.size)
                 piece = piece.reshape(s.shape)
+                own = jnp.dtype(leaf_dtype(leaf))
+                if own != dtypes[s.group]:
+                    piece = piece.astype(own)
             out.append(_explicit.laid_out_like(piece, leaf))
         return out
+
+
+def _size(shape: tuple[int, ...]) -> int:
+    return int(np.prod(shape, dtype=np.int64))
 
 
 def arrange_like_packed(
@@ -105,30 +156,31 @@ def arrange_like_packed(
 ) -> PackedTree:
     """Arranges one object per leaf as :func:`packed` arranged those leaves in ``packed_state``.
 
-    ``leaves`` are the parameter leaves (or objects with their ``shape`` and
-    ``dtype``) in tree order, and ``packed_state`` a :class:`PackedTree` that the
-    inner transform's ``init`` built from them (a moment, say). Large leaves are
-    returned in their place; each flat buffer becomes ``buffer(size)``. The
-    threshold ``packed`` used is not stored, but is implied: the large leaves are
-    the ``len(packed_state.large)`` largest.
+    ``leaves`` are the parameter leaves (or objects with their ``shape``) in tree
+    order, and ``packed_state`` a :class:`PackedTree` that the inner transform's
+    ``init`` built from them (a moment, say). Large leaves are returned in their
+    place; each flat buffer becomes ``buffer(size)``. The result has the tree
+    structure of ``packed_state``.
 
     Raises:
-      ValueError: If no threshold packs ``leaves`` into the buffers of ``packed_state``.
+      ValueError: If ``leaves`` do not pack into the buffers of ``packed_state``.
     """
-    sizes = sorted((int(np.prod(np.shape(leaf), dtype=np.int64)) for leaf in leaves), reverse=True)
-    n_large = len(packed_state.large)
-    # Any threshold between the smallest large leaf and the largest small one packs alike.
-    threshold = sizes[n_large] if n_large < len(sizes) else max(sizes[-1] - 1, 0)
-    layout = _Layout.of(leaves, threshold)
+    record = packed_state.leaf_groups
+    if len(record) != len(leaves):
+        raise ValueError(
+            "adamax_jax: the packed state does not match the parameters: it was made "
+            f"from {len(record)} leaves, and the parameters have {len(leaves)}"
+        )
+    layout = _Layout.recorded(record, leaves)
     large = tuple(leaf for leaf, s in zip(leaves, layout.slots, strict=True) if s.group is None)
     totals = {g: sum(s.size for s in layout.slots if s.group == g) for g in layout.groups}
-    if len(large) != n_large or set(totals) != set(packed_state.small):
+    if len(large) != len(packed_state.large) or set(totals) != set(packed_state.small):
         raise ValueError(
             "adamax_jax: the packed state does not match the parameters: it has "
-            f"{n_large} large leaves and buffers {sorted(packed_state.small)}, but the "
-            f"parameters pack into {len(large)} and {sorted(totals)}"
+            f"{len(packed_state.large)} large leaves and buffers {sorted(packed_state.small)}, "
+            f"but the parameters pack into {len(large)} and {sorted(totals)}"
         )
-    return PackedTree(large, {g: buffer(n) for g, n in totals.items()})
+    return PackedTree(large, {g: buffer(n) for g, n in totals.items()}, record)
 
 
 def leaf_dtype(leaf: Any) -> Any:
@@ -146,9 +198,106 @@ def _shape_summary(tree: Any) -> str:
 def _mismatch(what: str) -> ValueError:
     return ValueError(
         f"adamax_jax.packed: the gradients do not pack like the parameters given to init "
-        f"({what}). Gradients need the parameters' tree structure, shapes and dtypes, "
-        "as jax.grad returns them."
+        f"({what}). Gradients need the parameters' tree structure and shapes, and dtypes "
+        "of the same kind (any real float for a real float parameter), as jax.grad "
+        "returns them."
     )
+
+
+def _recorded_groups(state: Any, n_leaves: int) -> tuple[str | None, ...] | None:
+    """The layout ``init`` recorded in the packed parts of ``state``; None if it has none.
+
+    A stateless transform (``optax.scale``) keeps no packed tree, and then any
+    layout that packs gradients and parameters alike will do.
+    """
+    nodes = jax.tree.leaves(state, is_leaf=lambda n: isinstance(n, PackedTree))
+    records = {n.leaf_groups for n in nodes if isinstance(n, PackedTree)}
+    if not records:
+        return None
+    if len(records) > 1:
+        raise _mismatch("the state holds packed trees of different layouts")
+    (record,) = records
+    if len(record) != n_leaves:
+        raise _mismatch(
+            f"the state was made from {len(record)} parameter leaves, and there are "
+            f"{n_leaves} gradient leaves"
+        )
+    return record
+
+
+def _same_kind(dtype: Any, group: str) -> bool:
+    """Whether a gradient of ``dtype`` may share the buffer of ``group``'s parameters."""
+    dtype, like = jnp.dtype(dtype), jnp.dtype(group)
+    return dtype == like or any(
+        jnp.issubdtype(dtype, kind) and jnp.issubdtype(like, kind)
+        for kind in (jnp.floating, jnp.complexfloating)
+    )
+
+
+def _check_dtypes(paths: list[Any], leaves: list[Any], layout: _Layout) -> None:
+    """Raises ValueError for a small gradient that its parameter's buffer cannot hold.
+
+    Any real float may join a real float buffer (promoted, then cast back), as the
+    unpacked optimizer takes float32 gradients of bfloat16 parameters. An integer
+    or complex gradient of a real parameter would turn the whole buffer, and every
+    other leaf's step in it, into another kind of number.
+    """
+    for path, leaf, slot in zip(paths, leaves, layout.slots, strict=True):
+        if slot.group is not None and not _same_kind(leaf_dtype(leaf), slot.group):
+            raise _mismatch(
+                f"the gradient {jax.tree_util.keystr(path) or '<root>'} is "
+                f"{jnp.dtype(leaf_dtype(leaf)).name} and its parameter {slot.group}"
+            )
+
+
+def _mask_error() -> ValueError:
+    return ValueError(
+        "adamax_jax.packed: the transform masks or partitions the parameters (optax.masked, "
+        "the mask of adamaxw or optax.add_decayed_weights, optax.partition, "
+        "optax.multi_transform). Inside packed() that mask would be applied to the packed "
+        "buffers, not to your parameters, and select other elements than you meant. Apply "
+        "it outside packed() instead: optax.chain(ax.packed(ax.scale_by_adamax()), "
+        "optax.add_decayed_weights(weight_decay, mask), optax.scale_by_learning_rate(lr)) "
+        "for a weight-decay mask, or optax.masked(ax.packed(...), mask)."
+    )
+
+
+def _has_mask(state: Any) -> bool:
+    nodes = jax.tree.leaves(state, is_leaf=lambda n: isinstance(n, optax.MaskedState))
+    return any(isinstance(n, optax.MaskedState) for n in nodes)
+
+
+def _init_packed(
+    inner: optax.GradientTransformation, params: Any, packed_params: PackedTree
+) -> Any:
+    """``inner.init`` on the packed tree, refusing a transform that the packing would change.
+
+    A mask (or partition) inside ``inner`` refers to the parameter tree. As a
+    callable it would run on the packed tree and, on 1-D buffers, select other
+    elements without a word; as a tree it no longer matches. Either way the state
+    holds an ``optax.MaskedState``, which ``inner.init`` on the real parameters
+    shows when the packed ``init`` fails.
+    """
+    try:
+        state = inner.init(cast(optax.Params, packed_params))  # a pytree like any other
+    except Exception as error:
+        try:
+            unpacked = jax.eval_shape(inner.init, params)
+        except Exception:  # noqa: BLE001 (any failure: the parameters fail as well)
+            unpacked = None
+        if unpacked is None:
+            raise  # not the packing's doing: the original error, untouched
+        if _has_mask(unpacked):
+            raise _mask_error() from error
+        raise ValueError(
+            "adamax_jax.packed: the transform's init accepts the parameters but not their "
+            f"packed form ({type(error).__name__}: {error}). packed() is only for transforms "
+            "that treat elements independently and do not refer to the parameter tree's "
+            "structure or names."
+        ) from error
+    if _has_mask(state):
+        raise _mask_error()
+    return state
 
 
 def _check_state_matches(
@@ -211,15 +360,30 @@ def packed(
         mixes many leaves.
       - Per-parameter options of ``transform`` that refer to the parameter tree,
         such as the ``mask`` of :func:`adamax_jax.adamaxw`, would see the packed
-        tree; put them outside instead: ``optax.chain(packed(scale_by_adamax()),
+        tree and select other elements than meant. ``init`` refuses any
+        ``optax.masked`` inside (so also ``add_decayed_weights(mask=...)``,
+        ``optax.partition``, ``optax.multi_transform``) with a ``ValueError``;
+        put them outside instead: ``optax.chain(packed(scale_by_adamax()),
         optax.add_decayed_weights(wd, mask), optax.scale_by_learning_rate(lr))``.
         ``optax.masked(packed(...), mask)`` works: masked-out leaves are not
         packed.
       - The state is not shaped like the parameters:
         ``optax.tree_utils.tree_map_params`` applies its function to each packed
         buffer and large leaf, and cannot pair them with parameter-shaped trees.
-      - Gradients must have the parameters' structure, shapes and dtypes, as
-        ``jax.grad`` gives them; anything else raises ``ValueError``.
+      - Gradients must have the parameters' structure and shapes, as ``jax.grad``
+        gives them, but may have other float dtypes: they are packed by the
+        parameters' dtypes recorded at ``init`` (float32 gradients of bfloat16
+        parameters join the bfloat16 parameters' buffer, which then holds them
+        in float32), so that the state keeps the dtypes ``init`` gave it, as
+        unpacked. Where gradients of several dtypes share a buffer, it holds
+        them in their promoted dtype and each update is cast back to its
+        gradient's dtype at the end: rounded once, where
+        :func:`adamax_jax.adamax` unpacked rounds it after its core step and
+        again after the learning rate (1 ulp apart), and a transform whose
+        updates take a wider state's dtype (``optax.adam`` on float32 state
+        with bfloat16 gradients) gives them unpacked in that dtype. Other
+        structures, shapes, or integer or complex gradients of real parameters
+        raise ``ValueError``.
       - With sharded parameters, keep ``max_leaf_size`` below the size of the
         sharded leaves: large leaves keep their sharding, and the packed
         buffers of small (typically replicated) leaves are laid out by XLA.
@@ -254,9 +418,10 @@ def packed(
 
     Raises:
       TypeError: At construction, if ``max_leaf_size`` is not an integer.
-      ValueError: At construction, if ``max_leaf_size`` is negative; at update,
-        if the gradients or params do not pack like the parameters given to
-        ``init``.
+      ValueError: At construction, if ``max_leaf_size`` is negative; at ``init``,
+        if ``transform`` masks or partitions the parameters (see Notes) or its
+        ``init`` fails only on the packed tree; at update, if the gradients or
+        params do not pack like the parameters given to ``init``.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -290,7 +455,7 @@ def packed(
             # Nothing to pack. Handing the tree over unchanged keeps the placeholder of
             # optax.tree_utils.tree_map_params (a tree without leaves) where it belongs.
             return inner.init(params)
-        return inner.init(_Layout.of(leaves, max_leaf_size).pack(leaves))
+        return _init_packed(inner, params, _Layout.of(leaves, max_leaf_size).pack(leaves))
 
     def update_fn(
         updates: optax.Updates,
@@ -298,13 +463,12 @@ def packed(
         params: optax.Params | None = None,
         **extra_args: Any,
     ) -> tuple[optax.Updates, optax.OptState]:
-        leaves, treedef = jax.tree.flatten(updates)
-        if not leaves:
+        paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
+        if not paths_and_leaves:
             return inner.update(updates, state, params, **extra_args)
-        layout = _Layout.of(leaves, max_leaf_size)
-        packed_updates = layout.pack(leaves)
-        _check_state_matches(inner, packed_updates, state)
-        packed_params = None
+        paths = [p for p, _ in paths_and_leaves]
+        leaves = [x for _, x in paths_and_leaves]
+        param_leaves = None
         if params is not None:
             try:
                 param_leaves = treedef.flatten_up_to(params)
@@ -313,14 +477,28 @@ def packed(
                     "adamax_jax.packed: params do not have the tree structure of the "
                     f"gradients ({e})"
                 ) from e
-            for slot, p in zip(layout.slots, param_leaves, strict=True):
-                if np.shape(p) != slot.shape:
+            for path, g, p in zip(paths, leaves, param_leaves, strict=True):
+                if np.shape(p) != np.shape(g):
                     raise ValueError(
-                        f"adamax_jax.packed: a parameter has shape {np.shape(p)} but its "
-                        f"gradient has shape {slot.shape}"
+                        f"adamax_jax.packed: the parameter {jax.tree_util.keystr(path)} has "
+                        f"shape {np.shape(p)} but its gradient has shape {np.shape(g)}"
                     )
-            packed_params = layout.pack(param_leaves)
-        new_updates, state = inner.update(packed_updates, state, packed_params, **extra_args)
+        # Pack as init did, by the parameters' dtypes, which the gradients need not share.
+        record = _recorded_groups(state, len(leaves))
+        if record is None:
+            layout = _Layout.of(leaves if param_leaves is None else param_leaves, max_leaf_size)
+        else:
+            layout = _Layout.recorded(record, leaves)
+        _check_dtypes(paths, leaves, layout)
+        packed_updates = layout.pack(leaves)
+        _check_state_matches(inner, packed_updates, state)
+        packed_params = None if param_leaves is None else layout.pack(param_leaves)
+        new_updates, state = inner.update(
+            cast(optax.Updates, packed_updates),
+            state,
+            cast(optax.Params | None, packed_params),
+            **extra_args,
+        )
         # The inner transform maps the packed tree to one of the same structure.
         return treedef.unflatten(layout.unpack(cast(PackedTree, new_updates), leaves)), state
 

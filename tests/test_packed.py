@@ -156,6 +156,149 @@ def test_low_precision_state_step_by_step():
     assert s_packed[0].u.large[0].dtype == jnp.bfloat16
 
 
+def _mixed_dtype_case():
+    """Parameters of three dtypes, each with gradients of its own or of another dtype.
+
+    bfloat16 parameters with float32 gradients (mixed-precision training), float32 ones
+    with float32 and bfloat16 gradients, float16 ones with float16 and float32 ones: so
+    one buffer (float16's) holds gradients of two dtypes. Threshold _SMALL_MAX.
+    """
+    lin = lambda n, lo, hi: jnp.linspace(lo, hi, n, dtype=jnp.float32)
+    f32, bf16, f16 = jnp.float32, jnp.bfloat16, jnp.float16
+    params = {  # name: (value, parameter dtype, gradient dtype)
+        "bw": (lin(30, -1.0, 1.0).reshape(6, 5), bf16, f32),  # large
+        "bb": (lin(5, 0.0, 0.4), bf16, f32),
+        "bs": (jnp.asarray(0.7), bf16, f32),
+        "fw": (lin(24, -0.5, 0.5).reshape(4, 6), f32, f32),  # large
+        "fb": (lin(7, 0.1, 0.9), f32, f32),
+        "fc": (lin(6, -0.3, 0.3).reshape(3, 2), f32, bf16),
+        "h1": (lin(4, 1.0, 2.0), f16, f16),
+        "h2": (lin(6, -2.0, -1.0).reshape(2, 3), f16, f32),
+        "hw": (lin(20, 0.5, 1.5), f16, f32),  # large
+    }
+    values = {k: v.astype(p) for k, (v, p, _) in params.items()}
+    grad_dtypes = {k: g for k, (_, _, g) in params.items()}
+
+    def grads(k):
+        # Computed in float32 from float32 copies, then cast: a float32 gradient of a
+        # bfloat16 parameter carries more than bfloat16's 8 bits.
+        g = _grad(jax.tree.map(lambda x: x.astype(jnp.float32), values), k)
+        return {name: g[name].astype(grad_dtypes[name]) for name in g}
+
+    return values, grads
+
+
+# The small leaves whose gradients are narrower than another's in their buffer (fc: a
+# bfloat16 gradient among float32 ones; h1: float16 among float32): packed, they are
+# stepped in the wider dtype and cast back at the end.
+_PROMOTED = ("fc", "h1")
+
+
+def _state_leaves(tree, params, max_leaf_size):
+    """The per-leaf pieces of a packed moment, cut out as PackedTree's docstring lays them out.
+
+    An independent reading of the layout: large leaves in tree order; small ones raveled
+    and concatenated in tree order into the buffer named after the parameter's dtype.
+    """
+    offsets, n_large, out = {}, 0, {}
+    for name, p in zip(sorted(params), jax.tree.leaves(params), strict=True):
+        if p.size > max_leaf_size:
+            out[name] = tree.large[n_large]
+            n_large += 1
+        else:
+            key = jnp.dtype(p.dtype).name
+            start = offsets.get(key, 0)
+            out[name] = tree.small[key][start : start + p.size].reshape(p.shape)
+            offsets[key] = start + p.size
+    return out
+
+
+def _ulps(dtype):
+    return float(jnp.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("with_params", [True, False], ids=["params", "no-params"])
+def test_gradients_of_other_float_dtypes_step_like_unpacked(with_params):
+    # The reference is unpacked ax.adamax on the same inputs: it keeps each parameter's
+    # dtype for its moments, computes in float32 and returns updates in each
+    # gradient's dtype. Packed must give the same dtypes everywhere, and the same
+    # values: exactly so in step 1, whose update comes from unrounded moments (but for
+    # _PROMOTED's single rounding); after that, narrow-float moments carry a dither
+    # keyed by element position, which packing moves (test_low_precision_state_...).
+    params, grads = _mixed_dtype_case()
+    lr = 0.01
+    plain, packed = ax.adamax(lr), ax.packed(ax.adamax(lr), max_leaf_size=_SMALL_MAX)
+    s_plain, s_packed = plain.init(params), packed.init(params)
+    up_plain, up_packed = jax.jit(plain.update), jax.jit(packed.update)
+    p_arg = params if with_params else None
+    for k in range(6):
+        g = grads(k)
+        u_plain, s_plain = up_plain(g, s_plain, p_arg)
+        u_packed, s_packed = up_packed(g, s_packed, p_arg)
+        for name in params:
+            a, b = u_packed[name], u_plain[name]
+            assert a.dtype == b.dtype == g[name].dtype, name
+            if name in _PROMOTED:
+                # Rounded to its dtype once, after the learning rate, where unpacked
+                # rounds twice (after the core step, and after the learning rate).
+                tol = dict(rtol=2 * _ulps(a.dtype), atol=0)
+            elif k == 0 or params[name].dtype == jnp.float32:
+                tol = dict(rtol=1e-6, atol=0) if a.dtype == jnp.float32 else dict(rtol=0, atol=0)
+            else:
+                tol = dict(rtol=2**-6, atol=lr * 2**-6)
+            np.testing.assert_allclose(
+                np.asarray(a, np.float64), np.asarray(b, np.float64), **tol, err_msg=name
+            )
+        for moment in ("m", "u"):
+            got = _state_leaves(getattr(s_packed[0], moment), params, _SMALL_MAX)
+            want = getattr(s_plain[0], moment)
+            for name in params:
+                a, b = got[name], want[name]
+                assert a.dtype == b.dtype == params[name].dtype, (moment, name)
+                # Two roundings of one value to a neighbouring stored number: 1 ulp
+                # after step 1; the dither's difference then decays, a few ulps.
+                ulps = 1 if k == 0 else 4
+                tol = 1e-6 if a.dtype == jnp.float32 else ulps * _ulps(a.dtype)
+                np.testing.assert_allclose(
+                    np.asarray(a, np.float64),
+                    np.asarray(b, np.float64),
+                    rtol=tol,
+                    atol=tol * float(jnp.max(jnp.abs(b.astype(jnp.float32)))),
+                    err_msg=f"{moment} {name} step {k + 1}",
+                )
+    assert int(s_packed[0].count) == int(s_plain[0].count) == 6
+
+
+def test_float32_gradients_of_bfloat16_parameters_in_optax_adam_and_stateless_transforms():
+    # Other transforms: optax.adam (state made bf16 by init, promoted by its update,
+    # as unpacked) and stateless ones, where no packed tree in the state records the
+    # layout and the parameters (or, without them, the gradients) give it.
+    params, grads = _mixed_dtype_case()
+    params = {k: v for k, v in params.items() if k in ("bw", "bb", "bs", "fw", "fb", "h1")}
+    g0, g1 = ({k: v for k, v in grads(i).items() if k in params} for i in (0, 1))
+    makes = {
+        "adam": lambda: optax.adam(0.01),
+        "decay": lambda: optax.chain(optax.add_decayed_weights(0.1), optax.scale(-0.5)),
+        "scale": lambda: optax.scale(-0.5),
+    }
+    for name, make in makes.items():
+        for p_arg in [params, None] if name != "decay" else [params]:
+            plain, packed = make(), ax.packed(make(), max_leaf_size=_SMALL_MAX)
+            s_plain, s_packed = plain.init(params), packed.init(params)
+            for g in (g0, g1):
+                u_plain, s_plain = plain.update(g, s_plain, p_arg)
+                u_packed, s_packed = packed.update(g, s_packed, p_arg)
+                for leaf in params:
+                    a, b = u_packed[leaf], u_plain[leaf]
+                    assert a.dtype == b.dtype, (name, leaf)
+                    np.testing.assert_allclose(
+                        np.asarray(a, np.float64),
+                        np.asarray(b, np.float64),
+                        rtol=1e-6,
+                        err_msg=f"{name} {leaf}",
+                    )
+
+
 def test_adamaxw_gets_packed_params_and_masks_go_outside():
     params = _small_params()
     p_ref, _ = _trajectory(ax.adamaxw(0.02, weight_decay=0.3), params, 20)
@@ -279,6 +422,15 @@ def test_layout_threshold_and_groups():
         assert m.small[dtype].shape == (sum(x.size for x in small),)
         assert m.small[dtype].dtype == jnp.dtype(dtype)
     assert sorted(m.small) == ["bfloat16", "float16", "float32"]
+    assert m.leaf_groups == tuple(
+        None if x.size > _MAX else jnp.dtype(x.dtype).name for x in leaves
+    )
+    # Recorded in the tree structure: a state of other groups is another structure.
+    assert state[0].u.leaf_groups == m.leaf_groups
+    other = ax.packed(ax.adamax(), max_leaf_size=_MAX).init(
+        jax.tree.map(lambda x: x.astype(jnp.float32), params)
+    )
+    assert jax.tree.structure(other) != jax.tree.structure(state)
 
 
 def test_max_leaf_size_zero_packs_nothing_but_empty_leaves():
@@ -308,16 +460,24 @@ def test_init_under_eval_shape_and_state_avals_are_stable():
     _assert_same_avals(state3, state)
 
 
-def test_large_leaves_keep_their_sharding():
-    mesh = jax.make_mesh((8,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+@pytest.mark.parametrize(
+    "axis_type", [jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit], ids=str
+)
+def test_large_leaves_keep_their_sharding(axis_type):
+    mesh = jax.make_mesh((8,), ("d",), axis_types=(axis_type,))
     sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
-    params = {"w": jax.device_put(jnp.ones((64, 4)), sharded), "b": jnp.ones(4)}
+    # A bfloat16 small leaf with a float32 gradient too: cast into its buffer and back.
+    params = {"w": jax.device_put(jnp.ones((64, 4)), sharded), "b": jnp.ones(4, jnp.bfloat16)}
+    grads = jax.tree.map(lambda p: p.astype(jnp.float32), params)
     opt = ax.packed(ax.adamax(0.1), max_leaf_size=16)
     state = opt.init(params)
     assert state[0].m.large[0].sharding.is_equivalent_to(sharded, 2)
-    updates, state = jax.jit(opt.update)(params, state)
+    assert state[0].m.small["bfloat16"].dtype == jnp.bfloat16
+    updates, state = jax.jit(opt.update)(grads, state)
     assert updates["w"].sharding.is_equivalent_to(sharded, 2)
+    assert updates["b"].dtype == jnp.float32 and state[0].u.small["bfloat16"].dtype == jnp.bfloat16
     np.testing.assert_allclose(updates["w"], np.full((64, 4), -0.1), rtol=1e-6)
+    np.testing.assert_allclose(updates["b"], np.full(4, -0.1), rtol=1e-6)
 
 
 # ----------------------------------------------------------------------- bad input
@@ -339,10 +499,11 @@ def test_max_leaf_size_must_be_non_negative():
     [
         lambda g: {**g, "b": jnp.ones(7)},  # shape of a small leaf
         lambda g: {**g, "w": jnp.ones((5, 20))},  # shape of a large leaf
-        lambda g: {**g, "b": g["b"].astype(jnp.bfloat16)},  # dtype of a small leaf
+        lambda g: {**g, "b": g["b"].astype(jnp.int32)},  # an integer gradient
+        lambda g: {**g, "b": g["b"].astype(jnp.complex64)},  # a complex gradient
         lambda g: {"w": g["w"]},  # a leaf missing
     ],
-    ids=["small-shape", "large-shape", "dtype", "structure"],
+    ids=["small-shape", "large-shape", "int", "complex", "structure"],
 )
 def test_gradients_unlike_the_parameters_are_rejected(change):
     params = {"w": jnp.ones((4, 20)), "b": jnp.ones(8), "c": jnp.ones(3)}
@@ -352,13 +513,90 @@ def test_gradients_unlike_the_parameters_are_rejected(change):
         opt.update(change(params), state)
 
 
+_MASK_PARAMS = {"w": jnp.ones((4, 20)), "k": jnp.ones((3, 3)), "b": jnp.ones(8)}
+_NDIM_MASK = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ax.adamaxw(0.1, weight_decay=0.5, mask=_NDIM_MASK),
+        lambda: ax.adamaxw(0.1, weight_decay=0.5, mask={"w": True, "k": True, "b": False}),
+        lambda: optax.masked(ax.adamax(0.1), _NDIM_MASK),
+        lambda: optax.chain(ax.scale_by_adamax(), optax.add_decayed_weights(0.5, _NDIM_MASK)),
+        lambda: optax.partition(
+            {"a": ax.adamax(0.1), "s": optax.sgd(0.1)}, {"w": "a", "k": "a", "b": "s"}
+        ),
+    ],
+    ids=["adamaxw-callable", "adamaxw-tree", "masked", "add_decayed_weights", "partition"],
+)
+def test_a_mask_inside_packed_is_refused_at_init(make):
+    # Unpacked, adamaxw's callable mask decays w and k. Packed, it would see k inside
+    # a 1-D buffer and silently not decay it; a mask tree would not match the packed
+    # tree at all. Both are refused, with the recipe that works.
+    params = _MASK_PARAMS
+    assert jax.tree.leaves(_NDIM_MASK(params)) == [False, True, True]  # b, k, w
+    opt = ax.packed(make(), max_leaf_size=16)
+    with pytest.raises(ValueError, match=r"masks or partitions the parameters.*outside packed"):
+        opt.init(params)
+    with pytest.raises(ValueError, match="masks or partitions"):
+        jax.eval_shape(opt.init, params)
+
+
+def test_the_mask_outside_packed_decays_what_it_does_unpacked():
+    # The recipe the refusal gives, against adamaxw with the same callable mask.
+    params = _MASK_PARAMS
+    recipe = optax.chain(
+        ax.packed(ax.scale_by_adamax(), max_leaf_size=16),
+        optax.add_decayed_weights(0.5, _NDIM_MASK),
+        optax.scale_by_learning_rate(0.1),
+    )
+    ref = ax.adamaxw(0.1, weight_decay=0.5, mask=_NDIM_MASK)
+    masked = optax.masked(ax.packed(ax.adamaxw(0.1, weight_decay=0.5), 16), _NDIM_MASK)
+    ref_masked = optax.masked(ax.adamaxw(0.1, weight_decay=0.5), _NDIM_MASK)
+    for got, want in ((recipe, ref), (masked, ref_masked)):
+        p_got, _ = _trajectory(got, params, 5)
+        p_want, _ = _trajectory(want, params, 5)
+        _assert_trees_close(p_got, p_want)
+    # The decay did act on the small 2-D leaf k: without it k moves less.
+    plain_k = _trajectory(ax.adamax(0.1), params, 5)[0]["k"]
+    assert float(jnp.max(jnp.abs(p_want["k"] - plain_k))) > 1e-3
+
+
+def test_init_failing_only_on_the_packed_tree_is_explained():
+    def by_name():  # refers to the parameters by name: meaningless on a packed tree
+        return optax.GradientTransformation(
+            lambda p: {"w_norm": jnp.linalg.norm(p["w"])}, lambda u, s, p=None: (u, s)
+        )
+
+    with pytest.raises(ValueError, match="accepts the parameters but not their packed form"):
+        ax.packed(by_name(), 16).init(_MASK_PARAMS)
+
+    def broken():  # fails on any input: its own error comes through untouched
+        def init(params):
+            raise RuntimeError("broken init")
+
+        return optax.GradientTransformation(init, lambda u, s, p=None: (u, s))
+
+    with pytest.raises(RuntimeError, match="broken init"):
+        ax.packed(broken(), 16).init(_MASK_PARAMS)
+
+
+def test_gradients_of_other_leaves_than_the_state_records_are_rejected():
+    params = {"w": jnp.ones((4, 20)), "b": jnp.ones(8), "c": jnp.ones(3)}
+    opt = ax.packed(ax.adamax(0.1), max_leaf_size=16)
+    state = opt.init(params)
+    with pytest.raises(ValueError, match="made from 3 parameter leaves, and there are 4"):
+        opt.update({**params, "d": jnp.ones(2)}, state)
+
+
 def test_params_unlike_the_gradients_are_rejected():
     params = {"w": jnp.ones((4, 20)), "b": jnp.ones(8)}
     opt = ax.packed(ax.adamaxw(), max_leaf_size=16)
     state = opt.init(params)
     with pytest.raises(ValueError, match="params do not have the tree structure"):
         opt.update(params, state, {"w": params["w"]})
-    with pytest.raises(ValueError, match="a parameter has shape"):
+    with pytest.raises(ValueError, match=r"the parameter \[.b.\] has shape \(9,\)"):
         opt.update(params, state, {**params, "b": jnp.ones(9)})
 
 
