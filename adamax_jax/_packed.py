@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adamax_jax import _explicit
+from adamax_jax import _explicit, _leaves
 
 DEFAULT_MAX_LEAF_SIZE = 8192
 
@@ -77,7 +77,7 @@ class _Layout:
         """The layout ``init`` gives ``leaves``: small leaves grouped by their dtype."""
         return cls.recorded(
             tuple(
-                None if _size(np.shape(leaf)) > max_leaf_size else jnp.dtype(leaf_dtype(leaf)).name
+                None if _size(np.shape(leaf)) > max_leaf_size else _leaves.dtype_of(leaf).name
                 for leaf in leaves
             ),
             leaves,
@@ -108,7 +108,7 @@ class _Layout:
         dtypes: dict[str, list[Any]] = {g: [] for g in self.groups}
         for leaf, s in zip(leaves, self.slots, strict=True):
             if s.group is not None:
-                dtypes[s.group].append(jnp.dtype(leaf_dtype(leaf)))
+                dtypes[s.group].append(_leaves.dtype_of(leaf))
         # Dtypes, not arrays: a Python-scalar leaf must not make a buffer weakly typed.
         return {g: jnp.result_type(*d) for g, d in dtypes.items()}  # no group is empty
 
@@ -140,7 +140,7 @@ class _Layout:
             else:
                 piece = jax.lax.slice_in_dim(tree.small[s.group], s.index, s.index + s.size)
                 piece = piece.reshape(s.shape)
-                own = jnp.dtype(leaf_dtype(leaf))
+                own = _leaves.dtype_of(leaf)
                 if own != dtypes[s.group]:
                     piece = piece.astype(own)
             out.append(_explicit.laid_out_like(piece, leaf))
@@ -168,7 +168,7 @@ def arrange_like_packed(
     record = packed_state.leaf_groups
     if len(record) != len(leaves):
         raise ValueError(
-            "adamax_jax: the packed state does not match the parameters: it was made "
+            "the packed state does not match the parameters: it was made "
             f"from {len(record)} leaves, and the parameters have {len(leaves)}"
         )
     layout = _Layout.recorded(record, leaves)
@@ -176,28 +176,21 @@ def arrange_like_packed(
     totals = {g: sum(s.size for s in layout.slots if s.group == g) for g in layout.groups}
     if len(large) != len(packed_state.large) or set(totals) != set(packed_state.small):
         raise ValueError(
-            "adamax_jax: the packed state does not match the parameters: it has "
+            "the packed state does not match the parameters: it has "
             f"{len(packed_state.large)} large leaves and buffers {sorted(packed_state.small)}, "
             f"but the parameters pack into {len(large)} and {sorted(totals)}"
         )
     return PackedTree(large, {g: buffer(n) for g, n in totals.items()}, record)
 
 
-def leaf_dtype(leaf: Any) -> Any:
-    """The dtype of a leaf that may be a Python scalar."""
-    dtype = getattr(leaf, "dtype", None)
-    # result_type, not np.asarray: a Python float is float32 unless x64 is on.
-    return jnp.result_type(leaf) if dtype is None else dtype
-
-
 def _shape_summary(tree: Any) -> str:
     pairs = jax.tree_util.tree_leaves_with_path(tree)
-    return ", ".join(f"{jax.tree_util.keystr(p) or '<root>'}: {np.shape(x)}" for p, x in pairs)
+    return ", ".join(f"{_leaves.path_str(p)}: {np.shape(x)}" for p, x in pairs)
 
 
 def _mismatch(what: str) -> ValueError:
     return ValueError(
-        f"adamax_jax.packed: the gradients do not pack like the parameters given to init "
+        f"packed(): the gradients do not pack like the parameters given to init "
         f"({what}). Gradients need the parameters' tree structure and shapes, and dtypes "
         "of the same kind (any real float for a real float parameter), as jax.grad "
         "returns them."
@@ -243,16 +236,16 @@ def _check_dtypes(paths: list[Any], leaves: list[Any], layout: _Layout) -> None:
     other leaf's step in it, into another kind of number.
     """
     for path, leaf, slot in zip(paths, leaves, layout.slots, strict=True):
-        if slot.group is not None and not _same_kind(leaf_dtype(leaf), slot.group):
+        if slot.group is not None and not _same_kind(_leaves.dtype_of(leaf), slot.group):
             raise _mismatch(
-                f"the gradient {jax.tree_util.keystr(path) or '<root>'} is "
-                f"{jnp.dtype(leaf_dtype(leaf)).name} and its parameter {slot.group}"
+                f"the gradient {_leaves.path_str(path)} is "
+                f"{_leaves.dtype_of(leaf).name} and its parameter {slot.group}"
             )
 
 
 def _mask_error() -> ValueError:
     return ValueError(
-        "adamax_jax.packed: the transform masks or partitions the parameters (optax.masked, "
+        "packed(): the transform masks or partitions the parameters (optax.masked, "
         "the mask of adamaxw or optax.add_decayed_weights, optax.partition, "
         "optax.multi_transform). Inside packed() that mask would be applied to the packed "
         "buffers, not to your parameters, and select other elements than you meant. Apply "
@@ -290,7 +283,7 @@ def _init_packed(
         if _has_mask(unpacked):
             raise _mask_error() from error
         raise ValueError(
-            "adamax_jax.packed: the transform's init accepts the parameters but not their "
+            "packed(): the transform's init accepts the parameters but not their "
             f"packed form ({type(error).__name__}: {error}). packed() is only for transforms "
             "that treat elements independently and do not refer to the parameter tree's "
             "structure or names."
@@ -474,13 +467,12 @@ def packed(
                 param_leaves = treedef.flatten_up_to(params)
             except (ValueError, TypeError) as e:
                 raise ValueError(
-                    "adamax_jax.packed: params do not have the tree structure of the "
-                    f"gradients ({e})"
+                    f"packed(): params do not have the tree structure of the gradients ({e})"
                 ) from e
             for path, g, p in zip(paths, leaves, param_leaves, strict=True):
                 if np.shape(p) != np.shape(g):
                     raise ValueError(
-                        f"adamax_jax.packed: the parameter {jax.tree_util.keystr(path)} has "
+                        f"packed(): the parameter {_leaves.path_str(path)} has "
                         f"shape {np.shape(p)} but its gradient has shape {np.shape(g)}"
                     )
         # Pack as init did, by the parameters' dtypes, which the gradients need not share.
