@@ -8,7 +8,7 @@ from adamax_jax import (
 from adamax_jax._alias import adamax, adamaxw, nadamax
 from adamax_jax._lazy import StampedRows
 from adamax_jax._packed import PackedTree, packed
-from adamax_jax._quantize import QuantizedM, QuantizedU
+from adamax_jax._storage.codes8 import QuantizedM, QuantizedU
 from adamax_jax._transform import AdamaxState, EpsPlacement, scale_by_adamax
 
 # The one place the version is written: pyproject.toml reads it ([tool.hatch.version]).

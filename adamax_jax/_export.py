@@ -21,7 +21,7 @@ from typing import Any
 from jax import export
 
 from adamax_jax._packed import PackedTree
-from adamax_jax._quantize import QuantizedM, QuantizedU
+from adamax_jax._storage.codes8 import QuantizedM, QuantizedU
 from adamax_jax._transform import AdamaxState
 
 # The serialized names are part of saved artifacts: never rename one.

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.core import Tracer
 
-from adamax_jax import _quantize
+from adamax_jax._storage import codes8
 
 LazyRows = bool | Literal["freeze", "catch_up"]
 Mode = Literal["freeze", "catch_up"] | None
@@ -102,7 +102,7 @@ def split(u_stored: Any) -> tuple[Any, jax.Array | None]:
 
 def group_rows(shape: tuple[int, ...], u_stored: Any) -> int:
     """Rows per ``last_step`` entry: 1, or for 8-bit ``u`` the rows that fill whole blocks."""
-    if not isinstance(u_stored, _quantize.QuantizedU):
+    if not isinstance(u_stored, codes8.QuantizedU):
         return 1
     row = math.prod(shape[1:])  # 1 for a 1-D leaf: each element is a row
     return math.lcm(row, u_stored.block_size) // row

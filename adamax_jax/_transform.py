@@ -220,7 +220,7 @@ def scale_by_adamax(
         m_dtype=_validation.check_dtype_option("m_dtype", m_dtype),
         u_dtype=_validation.check_dtype_option("u_dtype", u_dtype),
         state_bits=state_bits,
-        block_size=_storage.check_state_options(state_bits, block_size),
+        block_size=_validation.check_state_options(state_bits, block_size),
     )
 
     def init_fn(params: optax.Params) -> AdamaxState:

@@ -18,6 +18,7 @@ import numpy as np
 from jax.core import Tracer
 
 from adamax_jax import _leaves, _wrapped
+from adamax_jax._storage import codes8
 
 # The step is computed in at least float32, so a bound that a Python float keeps
 # may be lost after rounding (b1 = 1 - 1e-8 is 1.0 in float32: 1 / (1 - b1**t) = inf).
@@ -213,3 +214,31 @@ def _short(obj: Any, limit: int = 120) -> str:
 
 def _show(arr: np.ndarray) -> str:
     return repr(float(arr)) if arr.ndim == 0 else np.array2string(arr, threshold=8)
+
+
+def check_state_options(state_bits: Any, block_size: Any) -> int:
+    """Validates ``state_bits`` and ``block_size`` at construction; returns the block size.
+
+    ``block_size=None`` means 256: a default that is not a
+    number stays out of ``optax.inject_hyperparams``' traced hyperparameters.
+    """
+    hint = (
+        "; under optax.inject_hyperparams pass static_args=('state_bits', 'block_size') "
+        "so that they stay Python ints"
+    )
+    if state_bits is not None and (
+        isinstance(state_bits, bool) or not isinstance(state_bits, int | np.integer)
+    ):
+        raise TypeError(f"state_bits must be None or the int 8, got {state_bits!r}{hint}")
+    if state_bits is not None and state_bits != 8:
+        raise ValueError(f"state_bits must be None or 8, got {state_bits!r}")
+    if block_size is None:
+        return codes8.DEFAULT_BLOCK_SIZE
+    if isinstance(block_size, int | np.integer) and not isinstance(block_size, bool):
+        if block_size <= 0 or block_size & (block_size - 1):
+            raise ValueError(f"block_size must be a positive power of two, got {block_size!r}")
+        return int(block_size)
+    if state_bits is not None:
+        raise TypeError(f"block_size must be a Python int or None, got {block_size!r}{hint}")
+    # Unused, and an array only because optax.inject_hyperparams made it one.
+    return codes8.DEFAULT_BLOCK_SIZE

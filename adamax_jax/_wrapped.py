@@ -4,7 +4,7 @@ Flax NNX keeps each parameter array in a ``Variable``: a pytree node with the ar
 as its only child, metadata (such as sharding annotations) as static data, and
 ``__jax_array__`` so that it stands for the array. Mapping over such a tree with
 ``jax.tree.map`` descends into the Variable, so a moment stored as a node of its own
-(the 8-bit :class:`~adamax_jax._quantize.QuantizedM` and ``QuantizedU``) would end
+(the 8-bit :class:`~adamax_jax.QuantizedM` and ``QuantizedU``) would end
 up *inside* a Variable. That is the wrong place for it:
 
 * ``nnx.Optimizer`` treats a Variable's value as one leaf and writes the new state
@@ -27,7 +27,8 @@ from typing import Any
 import jax
 from jax.core import Tracer
 
-from adamax_jax import _lazy, _quantize
+from adamax_jax import _lazy
+from adamax_jax._storage import codes8
 
 
 def is_wrapped(x: Any) -> bool:
@@ -64,6 +65,6 @@ def wrap_like(slot: Any, stored: Any) -> Any:
 
     if isinstance(stored, _lazy.StampedRows):  # the row stamps are not parameter-shaped
         return dataclasses.replace(stored, moment=wrap_like(slot, stored.moment))
-    if isinstance(stored, _quantize.QuantizedM | _quantize.QuantizedU):
+    if isinstance(stored, codes8.QuantizedM | codes8.QuantizedU):
         return dataclasses.replace(stored, codes=wrap(stored.codes))
     return wrap(stored)

@@ -32,7 +32,7 @@ import optax
 import pytest
 
 import adamax_jax as ax
-from adamax_jax import _quantize
+from adamax_jax._storage import codes8
 
 flax = pytest.importorskip("flax")
 hk = pytest.importorskip("haiku")
@@ -280,10 +280,10 @@ def test_trains_and_keeps_its_state_form(framework: str, form: str) -> None:
 
     # Read off the state as the framework holds it, after all the updates: nnx keeps
     # it in Variables and writes each update back through nnx.update.
-    big = sorted(p.shape for p in run.initial if p.size >= _quantize.MIN_SIZE)
+    big = sorted(p.shape for p in run.initial if p.size >= codes8.MIN_SIZE)
     assert big == [(64, HIDDEN)] or big == [(HIDDEN, 64)]  # the hidden kernel, as laid out
-    qu = _nodes(run.opt_state, _quantize.QuantizedU)
-    qm = _nodes(run.opt_state, _quantize.QuantizedM)
+    qu = _nodes(run.opt_state, codes8.QuantizedU)
+    qm = _nodes(run.opt_state, codes8.QuantizedM)
     packed = _nodes(_pure(run.opt_state), ax.PackedTree)
     state = _adamax_state(run.opt_state)
     moments = jax.tree.leaves(state.m) + jax.tree.leaves(state.u)
@@ -297,8 +297,8 @@ def test_trains_and_keeps_its_state_form(framework: str, form: str) -> None:
         assert np.any(np.asarray(jnp.asarray(u.codes)) > 0)  # it holds what training wrote
         small = [
             a
-            for a in jax.tree.leaves(state.u, is_leaf=lambda n: isinstance(n, _quantize.QuantizedU))
-            if not isinstance(a, _quantize.QuantizedU)
+            for a in jax.tree.leaves(state.u, is_leaf=lambda n: isinstance(n, codes8.QuantizedU))
+            if not isinstance(a, codes8.QuantizedU)
         ]
         assert len(small) == 3 and all(a.dtype == jnp.float32 for a in small)
     else:
@@ -418,7 +418,7 @@ def test_flax_nnx_functional_loop_with_variables_keeps_the_state_structure() -> 
         lambda p: (steps(p), steps(nnx.to_pure_dict(p)))
     )(params)
     u = tx.init(params)[0].u["hidden"]["kernel"]
-    assert isinstance(u, _quantize.QuantizedU) and isinstance(u.codes, nnx.Param)
+    assert isinstance(u, codes8.QuantizedU) and isinstance(u.codes, nnx.Param)
     assert isinstance(state[0].u["hidden"]["kernel"].codes, nnx.Param)
     assert int(state[0].count) == 3
     for a, b in zip(jax.tree.leaves(wrapped), jax.tree.leaves(pure), strict=True):

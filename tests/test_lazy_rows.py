@@ -22,7 +22,8 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import adamax_jax as ax
-from adamax_jax import _lazy, _quantize
+from adamax_jax import _lazy
+from adamax_jax._storage import codes8
 from tests._reference import adamax_update
 
 STEPS, VOCAB = 80, 12
@@ -237,7 +238,7 @@ def test_catch_up_with_8bit_state(shape, rows_per_stamp):
     g = g.astype(np.float32)
     tx = ax.scale_by_adamax(B1, b2, lazy_rows="catch_up", state_bits=8)
     state = tx.init(jnp.zeros(shape))
-    assert isinstance(state.u.moment, _quantize.QuantizedU)
+    assert isinstance(state.u.moment, codes8.QuantizedU)
     assert _lazy.group_rows(shape, state.u.moment) == rows_per_stamp
     assert state.u.last_step.shape == (math.ceil(shape[0] / rows_per_stamp),)
     update = jax.jit(tx.update)

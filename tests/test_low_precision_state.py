@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import adamax_jax as ax
-from adamax_jax import _storage
+from adamax_jax._storage import floats
 
 B1, B2 = 0.9, 0.999
 N, T = 4096, 1000
@@ -120,9 +120,9 @@ def test_dithered_rounding_picks_a_neighbour_without_bias(dtype, bits, exponent_
     thetas = (jnp.arange(256, dtype=jnp.float32) + 0.5) / 256
     if dtype == jnp.bfloat16:  # the bit-level path takes the thresholds as 32 bits
         dither = (thetas * 2.0**32).astype(jnp.uint32)
-        out = jax.vmap(lambda d: _storage._dithered_round_bf16(x, d))(dither)
+        out = jax.vmap(lambda d: floats._dithered_round_bf16(x, d))(dither)
     else:
-        out = jax.vmap(lambda th: _storage._dithered_round(x, dtype, th))(thetas)
+        out = jax.vmap(lambda th: floats._dithered_round(x, dtype, th))(thetas)
     assert out.dtype == dtype
     out = np.asarray(out.astype(jnp.float32), np.float64)
     xs = np.asarray(x, np.float64)

@@ -98,7 +98,7 @@ def _assert_trees_close(a, b):
     """Equal up to round-off: float32 to a few ulps; float16/bfloat16 to 8 ulps.
 
     Narrow-float moments are stored with a dithered rounding keyed by the leaf's index
-    and each element's position (see _storage.write), and packing changes both, so
+    and each element's position (see _storage.floats.write), and packing changes both, so
     leaves with bfloat16/float16 state may differ in the last stored bit each step.
     """
     assert jax.tree.structure(a) == jax.tree.structure(b)

@@ -31,7 +31,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import adamax_jax as ax
-from adamax_jax import _quantize
+from adamax_jax._storage import codes8
 from tests._reference import step_bound
 
 T, ROWS, COLS = 8, 3, 2  # steps per trajectory; a leaf of ROWS rows (for lazy_rows)
@@ -340,7 +340,7 @@ def test_state_keeps_the_dtypes_and_shapes_init_gave_it(config, shapes):
         for g, upd in zip(jax.tree.leaves(grads), jax.tree.leaves(updates), strict=True):
             assert (g.shape, g.dtype) == (upd.shape, upd.dtype)
         if config.get("state_bits"):  # the large leaves were quantized
-            is_q = lambda x: isinstance(x, _quantize.QuantizedU)
+            is_q = lambda x: isinstance(x, codes8.QuantizedU)
             assert sum(map(is_q, jax.tree.leaves(state, is_leaf=is_q))) == 3
 
 

@@ -19,7 +19,7 @@ import optax
 import pytest
 
 import adamax_jax as ax
-from adamax_jax import _quantize
+from adamax_jax._storage import codes8
 
 B1, B2 = 0.9, 0.999
 BLOCK = 256
@@ -79,7 +79,7 @@ def ratio_bound(t: int) -> float:
 
 def test_u_code_decodes_to_the_documented_table():
     assert np.all(np.diff(U_TABLE) > 0)
-    got = np.asarray(_quantize.decode_u_code(jnp.arange(256, dtype=jnp.uint8)), np.float64)
+    got = np.asarray(codes8.decode_u_code(jnp.arange(256, dtype=jnp.uint8)), np.float64)
     np.testing.assert_array_equal(got, U_TABLE)
 
 
@@ -88,7 +88,7 @@ def test_u_code_rounds_to_the_nearest_code():
     x = np.concatenate(
         [10.0 ** rng.uniform(-7, np.log10(2.5), 20000), U_TABLE, [2.0**-16, 2.0, 3.0, 0.0]]
     ).astype(np.float32)
-    codes = np.asarray(_quantize.encode_u_code(jnp.asarray(x)), np.int64)
+    codes = np.asarray(codes8.encode_u_code(jnp.asarray(x)), np.int64)
     got = U_TABLE[codes]
     want = nearest_u(x)
     # Equal, or a tie between two codes within float32 rounding.
@@ -108,8 +108,8 @@ def test_decayed_codes_reencode_to_themselves():
     """decode -> times b2 -> encode against a scale times b2 gives the same code: no creep."""
     codes = jnp.arange(256, dtype=jnp.uint8)
     scale = jnp.float32(3.7)
-    u = _quantize.decode_u_code(codes) * scale * jnp.float32(B2)
-    again = _quantize.encode_u_code(u * (1 / (scale * jnp.float32(B2))))
+    u = codes8.decode_u_code(codes) * scale * jnp.float32(B2)
+    again = codes8.encode_u_code(u * (1 / (scale * jnp.float32(B2))))
     assert np.array_equal(np.asarray(again), np.asarray(codes))
 
 
@@ -141,8 +141,8 @@ def test_small_and_complex_leaves_keep_float_state():
     state = ax.scale_by_adamax(state_bits=8).init(params)
     assert state.m["small"].dtype == jnp.float32 and state.u["small"].dtype == jnp.float32
     assert state.m["complex"].dtype == jnp.complex64 and state.u["complex"].dtype == jnp.float32
-    assert isinstance(state.m["big"], _quantize.QuantizedM)
-    assert isinstance(state.u["big"], _quantize.QuantizedU)
+    assert isinstance(state.m["big"], codes8.QuantizedM)
+    assert isinstance(state.u["big"], codes8.QuantizedU)
     assert state.u["big"].scales.shape == (math.ceil(64 * 65 / BLOCK),)
 
 
@@ -485,7 +485,7 @@ def test_every_constructor_takes_state_bits(make):
     tx = make(state_bits=8, block_size=64)
     state = tx.init(_params())
     inner = state if isinstance(state, ax.AdamaxState) else state[0]
-    assert isinstance(inner.u["w"], _quantize.QuantizedU) and inner.u["w"].block_size == 64
+    assert isinstance(inner.u["w"], codes8.QuantizedU) and inner.u["w"].block_size == 64
 
 
 @pytest.mark.parametrize("bits", [4, 16, 0])
@@ -515,7 +515,7 @@ def test_inject_hyperparams_needs_static_state_bits():
     )
     state = tx.init(params)
     _, state = jax.jit(tx.update)(_grads(), state, params)
-    assert isinstance(state.inner_state[0].u["w"], _quantize.QuantizedU)
+    assert isinstance(state.inner_state[0].u["w"], codes8.QuantizedU)
     # Dtypes given as strings are not numbers, so inject_hyperparams leaves them alone.
     tx = optax.inject_hyperparams(ax.adamax)(learning_rate=1e-2, m_dtype="bfloat16")
     _, state = jax.jit(tx.update)(_grads(), tx.init(params), params)

@@ -99,12 +99,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from adamax_jax import _leaves
+from adamax_jax._storage import dither
 
 #: Leaves with fewer elements than this keep floating-point state (as bitsandbytes).
 MIN_SIZE = 4096
+#: Elements per block of the 8-bit ``u`` when ``block_size`` is None.
+DEFAULT_BLOCK_SIZE = 256
 
 # The u code, relative to the block scale (see the module docstring): codes
 # _FINE_START.._LAST_CODE have _FINE_BITS fraction bits over the top _FINE_BINADES
@@ -134,9 +136,6 @@ _U_CODE_DTYPE = jnp.uint8
 _M_LEVELS = 127.0
 _M_CODE_DTYPE = jnp.int8
 _R_CAP = 64.0  # largest |m|/u a code can express when b1 >= b2 (no bound exists then)
-_GOLDEN = 0x9E3779B9  # 2**32 / golden ratio
-# The dither salt of the m codes: one constant for every leaf (see _storage.MOMENT_SALT).
-_M_SALT = 0x5BD1E995
 
 
 class _CodedMoment:
@@ -286,31 +285,6 @@ def _abs_block_max(xb: jax.Array) -> jax.Array:
     return m[:, 0]
 
 
-# --- dither ----------------------------------------------------------------------------
-
-
-def dither_bits(shape: tuple[int, ...], step: jax.Array, salt: int) -> jax.Array:
-    """32 dither bits per element: ``(i + salt) * phi + step * phi`` modulo 2**32.
-
-    Deterministic in (element, step, salt). Read as a fraction, consecutive steps of
-    one element form the golden-ratio low-discrepancy sequence, so rounding errors
-    cancel over a few steps instead of adding up like independent random ones;
-    neighbouring elements get well-spread values too. One multiply per element.
-    """
-    idx = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
-    offset = jnp.asarray(step).astype(jnp.uint32) * np.uint32(_GOLDEN) + np.uint32(
-        (salt * _GOLDEN) & 0xFFFFFFFF
-    )
-    return idx * np.uint32(_GOLDEN) + offset
-
-
-def dither(shape: tuple[int, ...], step: jax.Array, salt: int) -> jax.Array:
-    """Rounding thresholds in [0, 1) from :func:`dither_bits`."""
-    # 24 bits fit an int32 exactly; a signed conversion is a single vector instruction.
-    top = jax.lax.bitcast_convert_type(dither_bits(shape, step, salt) >> 8, jnp.int32)
-    return top.astype(jnp.float32) * np.float32(2.0**-24)
-
-
 # --- read and write both moments -------------------------------------------------------
 
 
@@ -336,6 +310,27 @@ def ratio_bound(b1: jax.Array, b2: jax.Array, count: jax.Array) -> jax.Array:
     # b1 >= b2: |m| / u has no bound (Adamax has no bounded step then); cap the code.
     r = (1 - b1) * jnp.where(below, geometric, t)
     return jnp.clip(r, 1 - b1, _R_CAP)
+
+
+@jax.custom_jvp
+def refuse_derivative(x: jax.Array) -> jax.Array:
+    """``x``; differentiating through it is a TypeError that says why and what to do.
+
+    8-bit moments are stored as integer codes, which carry no derivative. Without
+    this, ``jax.grad`` through unrolled steps would silently see only the part of
+    the state that flows through the float32 block scales.
+    """
+    return x
+
+
+@refuse_derivative.defjvp
+def refuse_derivative_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]) -> Any:
+    raise TypeError(
+        "cannot differentiate through state_bits=8 state: its moments are "
+        "integer codes, which carry no derivative. To differentiate through optimizer "
+        "steps (meta-learning, learned learning rates), use float32 or bfloat16 moments "
+        "(m_dtype=u_dtype=jnp.bfloat16 is differentiated straight through its rounding)"
+    )
 
 
 def write(
@@ -401,7 +396,7 @@ def write(
     r_max = ratio_bound(b1, b2, step)
     pos = u_ref > 0
     y = jnp.where(pos, mb / jnp.where(pos, u_ref, 1.0), 0.0) * (_M_LEVELS / r_max)
-    theta = _to_blocks(dither(shape, step, salt=_M_SALT), bs)
+    theta = _to_blocks(dither.dither(shape, step, dither.SALTS["m codes"]), bs)
     k = jnp.floor(y + theta)
     if tb is not None:
         k = jnp.where(tb, k, jnp.round(y))
