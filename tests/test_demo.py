@@ -36,7 +36,7 @@ def _python(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _numpy_adamax(grad, x0, steps):
-    """The seed loop's last iterate: lr 0.01 and Adamax's defaults, in float64."""
+    """The tutorial loop's last iterate: lr 0.01 and Adamax's defaults, in float64."""
     return adamax_trajectory(np.array(x0), grad, steps, lr=0.01)[0][-1]
 
 
@@ -58,7 +58,7 @@ def test_writes_the_plots_and_the_summary(demo_run):
 
 
 @pytest.mark.slow
-def test_toy_problems_match_the_seed_loop_and_reach_the_minima(demo_run):
+def test_toy_problems_match_the_tutorial_loop_and_reach_the_minima(demo_run):
     _, results = demo_run
     one, two = results.toys
     expected_one = _numpy_adamax(lambda x: 1 - 3 * x**2, [-1.0], 600)

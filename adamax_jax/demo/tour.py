@@ -21,8 +21,8 @@ from adamax_jax.demo.toys import (
     ONE_VARIABLE,
     TWO_VARIABLES,
     descent_path,
-    seed_loop_path,
     steps_to_reach,
+    tutorial_loop_path,
 )
 
 if TYPE_CHECKING:  # needs flax, imported at run time only by main()
@@ -39,14 +39,14 @@ class ToyResult:
       problem: The problem's name.
       path: Every iterate, shape ``(steps + 1, dim)``.
       target: The known minimum.
-      seed_loop_gap: Largest distance between our iterates and those of the seed
+      tutorial_loop_gap: Largest distance between our iterates and those of the
         tutorial's NumPy float64 loop, over the whole path.
     """
 
     problem: str
     path: np.ndarray
     target: tuple[float, ...]
-    seed_loop_gap: float
+    tutorial_loop_gap: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +89,8 @@ def missing_extra_message(module: str | None) -> str:
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m adamax_jax.demo",
-        description="Adamax on the seed tutorials' toy problems and on a Flax NNX digits "
-        "classifier; prints tables and writes PNG plots.",
+        description="Adamax on the neuralthreads Adamax tutorial's toy problems and on a "
+        "Flax NNX digits classifier; prints tables and writes PNG plots.",
     )
     parser.add_argument(
         "--out",
@@ -119,11 +119,11 @@ def _fmt_point(p: Sequence[float]) -> str:
 
 
 def run_toys(steps: int) -> list[ToyResult]:
-    """Solves both seed problems with ``adamax_jax.adamax`` at the seeds' settings."""
+    """Solves both tutorial problems with ``adamax_jax.adamax`` at the tutorial's settings."""
     results = []
     for problem in (ONE_VARIABLE, TWO_VARIABLES):
         path = descent_path(ax.adamax(problem.learning_rate), problem, steps)
-        reference = seed_loop_path(problem, steps)
+        reference = tutorial_loop_path(problem, steps)
         gap = float(np.max(np.linalg.norm(path - reference, axis=-1)))
         results.append(ToyResult(problem.name, path, problem.target, gap))
     return results
@@ -143,7 +143,7 @@ def toy_table(results: Sequence[ToyResult]) -> str:
                 _fmt_point(r.target),
                 f"{np.linalg.norm(final - np.asarray(r.target)):.1e}",
                 "never" if reached is None else reached,
-                f"{r.seed_loop_gap:.1e}",
+                f"{r.tutorial_loop_gap:.1e}",
             ]
         )
     headers = [
@@ -153,7 +153,7 @@ def toy_table(results: Sequence[ToyResult]) -> str:
         "minimum",
         "error",
         "steps to 1e-3",
-        "gap to seed loop",
+        "gap to tutorial loop",
     ]
     return format_table(headers, rows)
 
@@ -223,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> DemoResults:
     files.append(plots.plot_loss_curves(training, out / "digits_loss.png"))
 
     tables = (
-        "Seed problems: adamax_jax.adamax against the tutorial's NumPy loop\n\n"
+        "Tutorial problems: adamax_jax.adamax against the tutorial's NumPy loop\n\n"
         + toy_table(toys)
         + "\n\nDigits (same weights and batches for every optimizer; times on this machine)\n\n"
         + training_table(training)

@@ -1,6 +1,6 @@
-"""The seed tutorials' two toy problems, solved with any optax optimizer.
+"""The neuralthreads Adamax tutorial's two toy problems, solved with any optax optimizer.
 
-Both come from the neuralthreads Adamax post the project started from:
+Both come from the neuralthreads post "Adamax — Extension to Adam based on infinity norm" (2021):
 
 * one variable: ``f(x) = x - x**3`` from ``x = -1`` with learning rate 0.01, whose
   local minimum is at ``x = -1/sqrt(3)``;
@@ -27,10 +27,10 @@ class ToyProblem:
     Attributes:
       name: Short label for tables and plot titles.
       f: The objective, mapping a 1-D array to a scalar.
-      gradient: Its gradient written out by hand in NumPy, as the seed does.
+      gradient: Its gradient written out by hand in NumPy, as the tutorial does.
       x0: Starting point.
-      target: The minimum the seed tutorial reaches from ``x0``.
-      learning_rate: The seed tutorial's learning rate.
+      target: The minimum the tutorial reaches from ``x0``.
+      learning_rate: The tutorial's learning rate.
     """
 
     name: str
@@ -99,14 +99,14 @@ def descent_path(tx: optax.GradientTransformation, problem: ToyProblem, steps: i
     return np.asarray(run(x0))
 
 
-def seed_loop_path(
+def tutorial_loop_path(
     problem: ToyProblem,
     steps: int,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
 ) -> np.ndarray:
-    """The seed tutorial's Adamax loop, transcribed in NumPy float64.
+    """The tutorial's Adamax loop, transcribed in NumPy float64.
 
     Hand-written gradients, ``eps`` in the denominator: an implementation independent
     of this library, which the demo compares ``adamax_jax.adamax`` with.
@@ -115,7 +115,7 @@ def seed_loop_path(
       A float64 array of shape ``(steps + 1, dim)``.
 
     Example:
-      >>> round(float(seed_loop_path(ONE_VARIABLE, 1000)[-1, 0]), 6)
+      >>> round(float(tutorial_loop_path(ONE_VARIABLE, 1000)[-1, 0]), 6)
       -0.57735
     """
     lr = problem.learning_rate
