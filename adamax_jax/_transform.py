@@ -357,7 +357,9 @@ class _Scalars(NamedTuple):
         t = count.astype(dtype)
         one = jnp.ones([], dtype)
         correction = 1 - b1**t if options.bias_correction else one
-        next_correction = 1 - b1 ** (t + 1) if options.bias_correction else one
+        # Only Nesterov's look-ahead reads the next step's correction.
+        nesterov = options.bias_correction and options.nesterov
+        next_correction = 1 - b1 ** (t + 1) if nesterov else one
         return cls(count, b1, b2, eps, correction, next_correction)
 
 

@@ -105,7 +105,6 @@ def write_moments(
     leaf) is False where the step kept the previous ``m`` and ``u``.
     """
     if isinstance(u_like, codes8.QuantizedU):
-        m, u = codes8.refuse_derivative(m), codes8.refuse_derivative(u)
         return codes8.write(
             m,
             u,

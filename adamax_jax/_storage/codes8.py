@@ -349,8 +349,10 @@ def write(
     """Encodes the new ``m`` and ``u`` of one leaf (float32 values of its shape).
 
     ``touched`` (``lazy_rows``, ``skip_nonfinite``) is False where the step left
-    ``m`` and ``u`` as they were; those elements keep their codes.
+    ``m`` and ``u`` as they were; those elements keep their codes. Integer codes
+    carry no derivative, so differentiating through this is refused.
     """
+    m, u = refuse_derivative(m), refuse_derivative(u)
     shape = u_like.shape
     bs = u_like.block_size
     decay = b2.astype(jnp.float32)
