@@ -71,7 +71,9 @@ def run_as_auto(fn: Callable[..., Any], *args: Any, out_like: Any, where: str) -
     ``out_like`` (a tree with the structure of the results). Anywhere else this is
     just ``fn(*args)``.
     """
-    mesh = common_mesh((args, out_like), where)
+    # out_like only says where results go (here: some of the args), so the mesh is
+    # read off the args alone; each leaf's step pays this at trace time.
+    mesh = common_mesh(args, where)
     if mesh is None or not mesh.explicit_axes:
         return fn(*args)
 
