@@ -162,14 +162,37 @@ def test_zero_first_gradient_gives_zero_step(placement):
     np.testing.assert_allclose(state[0].u, 0.0 if placement == "denominator" else 1e-8)
 
 
-def test_zero_denominator_gives_zero_step_not_nan():
-    opt = ax.adamax(eps=0.0)
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ax.adamax(eps=0.0),
+        lambda: ax.adamax(eps=1e-50),  # positive, but 0 in float32
+        lambda: optax.inject_hyperparams(ax.adamax)(learning_rate=1e-3, eps=0.0),  # traced
+    ],
+    ids=["zero", "zero-in-float32", "injected-zero"],
+)
+def test_zero_denominator_gives_zero_step_not_nan(make, jit):
+    opt = make()
+    update = jax.jit(opt.update) if jit else opt.update
     params = jnp.ones(4)
     state = opt.init(params)
     for g in [jnp.zeros(4), jnp.array([0.0, 1.0, 0.0, -2.0])]:
-        updates, state = opt.update(g, state)
+        updates, state = update(g, state)
         assert bool(jnp.all(jnp.isfinite(updates)))
     np.testing.assert_array_equal(updates[jnp.array([0, 2])], 0.0)
+
+
+@pytest.mark.parametrize("kwargs", [{"lazy_rows": True}, {"skip_nonfinite": True}])
+def test_kept_elements_with_no_gradient_yet_take_no_step(kwargs):
+    """eps in the max: an element kept since init has u = 0, its denominator zero."""
+    opt = ax.adamax(eps_placement="max", **kwargs)
+    state = opt.init(jnp.ones((2, 3)))
+    g = jnp.array([[0.0, 0.0, 0.0], [1.0, jnp.nan, 2.0]])
+    g = g if kwargs.get("skip_nonfinite") else jnp.nan_to_num(g)
+    updates, _ = jax.jit(opt.update)(g, state)
+    assert bool(jnp.all(jnp.isfinite(updates)))
+    np.testing.assert_array_equal(updates[0], 0.0)
 
 
 def test_float16_zero_gradient_is_finite():
