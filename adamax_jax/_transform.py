@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.core import Tracer
 
 from adamax_jax import _explicit, _lazy, _leaves, _storage, _validation, _wrapped
 
@@ -506,7 +507,7 @@ class _Keep:
 
 def _is_traced(*trees: Any) -> bool:
     """Whether any array in ``trees`` is a tracer (the step is being traced)."""
-    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(trees))
+    return any(isinstance(x, Tracer) for x in jax.tree.leaves(trees))
 
 
 def _both(a: jax.Array | None, b: jax.Array | None) -> jax.Array | None:
