@@ -385,9 +385,10 @@ def packed(
         Adamax's 28; below ``max_leaf_size`` the kernel launches it saves cost
         more.
       - XLA compiles one small unpacking kernel per packed leaf (as for
-        ``optax.flatten``), where the unpacked optimizer shares kernels among
-        leaves of one shape: on a 2-core CPU, about 10 s per thousand small
-        leaves on top of the first, compiling, step.
+        ``optax.flatten``), and on CPU slices of one shared buffer compile
+        slowly: about 12 ms each on a 2-core CPU, against about 4 ms per leaf
+        for the whole unpacked float32 step. Packing saves step time on many
+        small leaves, not compile time (``benchmarks/compile_time.py``).
       - With ``adamax(state_bits=8)``, a packed buffer is usually large enough
         for 8-bit state, which leaves under 4096 elements would not get on
         their own; its blocks of ``block_size`` then span leaf boundaries.
