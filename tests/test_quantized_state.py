@@ -61,10 +61,32 @@ def nearest_u(x: np.ndarray) -> np.ndarray:
     return np.where(x > 0, np.maximum(nearest, U_TABLE[1]), nearest)
 
 
+def _m_code_table() -> np.ndarray:
+    """The 128 magnitudes of the documented m code (of m / (R_t u)), from its description.
+
+    Code 0: zero. Codes 1-14: two per binade, 2**e * (1, 1.5) for e = -13..-7.
+    Codes 15-127: linear from 2**-6 to 1 in steps of 9/1024.
+    """
+    pairs = [2.0**e * (1 + f / 2) for e in range(-13, -6) for f in range(2)]
+    linear = [2.0**-6 + k * 9 / 1024 for k in range(113)]
+    table = np.array([0.0, *pairs, *linear])
+    assert table.size == 128 and table[-1] == 1.0
+    return table
+
+
+M_TABLE = _m_code_table()
+
+
+def decode_m(codes: np.ndarray) -> np.ndarray:
+    """m / (R_t u) from the int8 codes: sign and magnitude, by table lookup."""
+    c = np.asarray(codes, np.int64)
+    return np.sign(c) * M_TABLE[np.abs(c)]
+
+
 def decode_state(state: ax.AdamaxState) -> tuple[np.ndarray, np.ndarray]:
     """(m, u) of a single quantized leaf, in float64."""
     u = decode_u(state.u.codes, state.u.scales, state.u.block_size)
-    m = np.asarray(state.m.codes, np.float64) * float(state.m.scale) / 127 * u
+    m = decode_m(state.m.codes) * float(state.m.scale) * u
     return m, u
 
 
@@ -102,6 +124,48 @@ def test_u_code_rounds_to_the_nearest_code():
     assert np.all(np.abs(got - xs)[tail] <= 2.0**-16 * (1 + 1e-6))
     assert np.all(got[(xs > 0) & (xs < 2.0**-16)] == 2.0**-15)  # positive: never zero
     assert got[xs == 0].size and np.all(got[xs == 0] == 0)
+
+
+def test_m_code_decodes_to_the_documented_table():
+    assert np.all(np.diff(M_TABLE) > 0)
+    codes = jnp.arange(-127, 128, dtype=jnp.int32).astype(jnp.int8)
+    got = np.asarray(codes8.decode_m_code(codes), np.float64)
+    np.testing.assert_array_equal(got, decode_m(np.arange(-127, 128)))
+    # The linear part's step is about the old linear code's 1/127 of the bound.
+    assert np.diff(M_TABLE[15:]).max() <= 1 / 113
+
+
+def test_m_code_rounds_between_its_neighbours_without_bias():
+    """Each value goes to one of the two codes around it, up with probability equal to
+    its position between them (unbiased in value, not in the code index); a threshold
+    of 0.5 is the nearest code, and the code values themselves come back exactly."""
+    rng = np.random.default_rng(0)
+    x = np.concatenate(
+        [10.0 ** rng.uniform(-6, 0, 3000), rng.uniform(0, 1, 1000), [0.0, 1.0, 2.0**-14]]
+    ).astype(np.float32)
+    x = x * rng.choice([-1.0, 1.0], x.size).astype(np.float32)
+    n_theta = 128
+    theta = ((np.arange(n_theta) + 0.5) / n_theta).astype(np.float32)
+    codes = codes8.encode_m_code(jnp.asarray(x)[:, None], jnp.asarray(theta)[None, :])
+    got = decode_m(np.asarray(codes))
+    ax_ = np.abs(x.astype(np.float64))
+    hi_i = np.minimum(np.searchsorted(M_TABLE, ax_, side="right"), 127)
+    lo, hi = M_TABLE[hi_i - 1], M_TABLE[hi_i]
+    lo = np.where(ax_ >= 1, 1.0, lo)
+    mag = np.abs(got)
+    assert np.all((mag == lo[:, None]) | (mag == hi[:, None]))
+    assert np.all((np.sign(got) == np.sign(x)[:, None]) | (got == 0))
+    # Over evenly spread thresholds the mean is the value, to 1/n_theta of a code step.
+    step = np.where(hi > lo, hi - lo, 1.0)
+    assert np.all(np.abs(mag.mean(axis=1) - ax_) <= step / n_theta * (1 + 1e-3))
+    # theta = 0.5: the nearest code.
+    nearest = np.abs(decode_m(np.asarray(codes8.encode_m_code(jnp.asarray(x), 0.5))))
+    assert np.all(np.abs(nearest - ax_) <= np.minimum(ax_ - lo, hi - ax_) + 1e-7 * ax_)
+    # Every code value encodes to itself whatever the threshold.
+    values = np.concatenate([-M_TABLE[::-1], M_TABLE[1:]]).astype(np.float32)
+    for th in (0.0, 0.5, 0.9999):
+        again = np.asarray(codes8.encode_m_code(jnp.asarray(values), th), np.int64)
+        np.testing.assert_array_equal(again, np.arange(-127, 128))
 
 
 def test_decayed_codes_reencode_to_themselves():
@@ -468,7 +532,9 @@ def test_lazy_rows_keep_untouched_blocks_exactly():
     assert np.array_equal(np.asarray(state.u.scales)[::2], np.asarray(new.u.scales)[::2])
     # m keeps its value; its code may move by half a step when R_t grows (early steps).
     (m_old, u_old), (m_new, _) = decode_state(state), decode_state(new)
-    half_code = 0.5 * float(new.m.scale) / 127 * u_old[::2]
+    k = np.abs(np.asarray(new.m.codes, np.int64)[::2])
+    gap = np.maximum(np.diff(M_TABLE, prepend=0.0)[k], np.diff(M_TABLE, append=1.0)[k])
+    half_code = 0.5 * gap * float(new.m.scale) * u_old[::2]
     assert np.all(np.abs(m_new[::2] - m_old[::2]) <= half_code * (1 + 1e-5))
 
 
