@@ -355,6 +355,91 @@ def test_8bit_directions_stay_bounded_on_the_mixture(mixture_errors):
     assert np.abs(got).max() <= 1.01
 
 
+# --- after a gradient spike: |m| / u far below its bound ----------------------------------
+
+N_SPIKE = 64 * BLOCK
+
+
+def _after_spike_data():
+    """Half the elements: one gradient of about 1 (either sign) at step 1, then a steady
+    gradient 1e-4..1e-2 of either sign, so u stays near the spike and |m| / u is about
+    1e-3 of its bound for thousands of steps. The other half, interleaved in the same
+    blocks: gradients 1e-4..1e-2 alternating in sign."""
+    rng = np.random.default_rng(5)
+    kind = rng.integers(0, 2, N_SPIKE)
+    spike = rng.choice([-1.0, 1.0], N_SPIKE) * 10.0 ** rng.uniform(-0.5, 0, N_SPIKE)
+    steady = rng.choice([-1.0, 1.0], N_SPIKE) * 1e-3 * 10.0 ** rng.uniform(-1, 1, N_SPIKE)
+    alternating = 1e-3 * 10.0 ** rng.uniform(-1, 1, N_SPIKE)
+    arrays = tuple(jnp.asarray(a, jnp.float32) for a in (kind, spike, steady, alternating))
+    return kind, arrays
+
+
+@jax.jit
+def _after_spike_runs(data):
+    """Updates at step 300, and p_t = p_{t-1} - update_t and the path sum_t |update_t| of
+    float32 state, for float32 and 8-bit state at steps 300 and 1000."""
+    kind, spike, steady, alternating = data
+    txs = (ax.scale_by_adamax(B1, B2), ax.scale_by_adamax(B1, B2, state_bits=8))
+
+    def step(carry, t):
+        states, ps, path, _ = carry
+        after = jnp.where(t == 1, spike, steady)
+        g = jnp.where(kind == 0, after, jnp.where(t % 2 == 0, alternating, -alternating))
+        steps = [tx.update(g, st) for tx, st in zip(txs, states, strict=True)]
+        ds, states = tuple(d for d, _ in steps), tuple(st for _, st in steps)
+        ps = tuple(p - d for p, d in zip(ps, ds, strict=True))
+        return (states, ps, path + jnp.abs(ds[0]), ds), None
+
+    z = jnp.zeros(N_SPIKE)
+    carry = (tuple(tx.init(z) for tx in txs), (z, z), z, (z, z))
+    at_300 = jax.lax.scan(step, carry, jnp.arange(1, 301))[0]
+    at_1000 = jax.lax.scan(step, at_300, jnp.arange(301, 1001))[0]
+    return at_300[3], [(c[1], c[2]) for c in (at_300, at_1000)]
+
+
+@pytest.fixture(scope="module")
+def after_spike():
+    kind, data = _after_spike_data()
+    (d32, d8), trajectories = jax.tree.map(
+        lambda x: np.asarray(x, np.float64), _after_spike_runs(data)
+    )
+    step_error = (np.abs(d8 - d32) / np.abs(d32))[kind == 0]
+    drift = [np.abs(p8 - p32) / path for (p32, p8), path in trajectories]
+    return step_error, drift
+
+
+def test_8bit_steps_after_a_spike_keep_relative_precision(after_spike):
+    """|m| / u about 1e-3 of its bound, where a linear code of m / u (steps of 1/127 of
+    the bound) gets each step 0 or one code step: off by a median 90 % and a 99th
+    percentile of 770 % against float32 state at step 300. The tapered code has two
+    codes per binade there (measured 8.9 % and 33 %)."""
+    step_error, _ = after_spike
+    assert np.median(step_error) <= 0.12
+    assert np.percentile(step_error, 99) <= 0.45
+
+
+@pytest.mark.parametrize("i", [0, 1], ids=["step 300", "step 1000"])
+def test_8bit_trajectories_after_a_spike_stay_near_float32(after_spike, i):
+    """|p_8bit - p_f32| as a fraction of the path p_f32 walked (the ratio is free of the
+    learning rate): the linear code drifted by a median 1.9-2.0 % and a 99th percentile
+    of 7.2-9.8 % (steps 300, 1000); the tapered code 1.2-1.4 % and 3.9-5.0 %."""
+    _, drift = after_spike
+    assert np.median(drift[i]) <= 0.017
+    assert np.percentile(drift[i], 99) <= 0.06
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 13's targets for 8-bit m; one byte cannot hold both the linear part "
+    "that keeps the mixture within 0.02 and 4+ codes per binade down to 1e-4",
+)
+def test_8bit_after_a_spike_meets_issue_13_targets(after_spike):
+    step_error, drift = after_spike
+    assert np.median(step_error) <= 0.05 and np.percentile(step_error, 99) <= 0.20
+    for d in drift:
+        assert np.median(d) <= 0.01 and np.percentile(d, 99) <= 0.05
+
+
 def test_step_stays_bounded_on_heavy_tailed_gradients():
     n, steps = 64 * BLOCK, 300
     scale = jnp.asarray(10.0 ** np.random.default_rng(3).uniform(-6, 2, n), jnp.float32)
