@@ -61,10 +61,32 @@ def nearest_u(x: np.ndarray) -> np.ndarray:
     return np.where(x > 0, np.maximum(nearest, U_TABLE[1]), nearest)
 
 
+def _m_code_table() -> np.ndarray:
+    """The 128 magnitudes of the documented m code (of m / (R_t u)), from its description.
+
+    Code 0: zero. Codes 1-14: two per binade, 2**e * (1, 1.5) for e = -13..-7.
+    Codes 15-127: linear from 2**-6 to 1 in steps of 9/1024.
+    """
+    pairs = [2.0**e * (1 + f / 2) for e in range(-13, -6) for f in range(2)]
+    linear = [2.0**-6 + k * 9 / 1024 for k in range(113)]
+    table = np.array([0.0, *pairs, *linear])
+    assert table.size == 128 and table[-1] == 1.0
+    return table
+
+
+M_TABLE = _m_code_table()
+
+
+def decode_m(codes: np.ndarray) -> np.ndarray:
+    """m / (R_t u) from the int8 codes: sign and magnitude, by table lookup."""
+    c = np.asarray(codes, np.int64)
+    return np.sign(c) * M_TABLE[np.abs(c)]
+
+
 def decode_state(state: ax.AdamaxState) -> tuple[np.ndarray, np.ndarray]:
     """(m, u) of a single quantized leaf, in float64."""
     u = decode_u(state.u.codes, state.u.scales, state.u.block_size)
-    m = np.asarray(state.m.codes, np.float64) * float(state.m.scale) / 127 * u
+    m = decode_m(state.m.codes) * float(state.m.scale) * u
     return m, u
 
 
@@ -102,6 +124,48 @@ def test_u_code_rounds_to_the_nearest_code():
     assert np.all(np.abs(got - xs)[tail] <= 2.0**-16 * (1 + 1e-6))
     assert np.all(got[(xs > 0) & (xs < 2.0**-16)] == 2.0**-15)  # positive: never zero
     assert got[xs == 0].size and np.all(got[xs == 0] == 0)
+
+
+def test_m_code_decodes_to_the_documented_table():
+    assert np.all(np.diff(M_TABLE) > 0)
+    codes = jnp.arange(-127, 128, dtype=jnp.int32).astype(jnp.int8)
+    got = np.asarray(codes8.decode_m_code(codes), np.float64)
+    np.testing.assert_array_equal(got, decode_m(np.arange(-127, 128)))
+    # The linear part's step is about the old linear code's 1/127 of the bound.
+    assert np.diff(M_TABLE[15:]).max() <= 1 / 113
+
+
+def test_m_code_rounds_between_its_neighbours_without_bias():
+    """Each value goes to one of the two codes around it, up with probability equal to
+    its position between them (unbiased in value, not in the code index); a threshold
+    of 0.5 is the nearest code, and the code values themselves come back exactly."""
+    rng = np.random.default_rng(0)
+    x = np.concatenate(
+        [10.0 ** rng.uniform(-6, 0, 3000), rng.uniform(0, 1, 1000), [0.0, 1.0, 2.0**-14]]
+    ).astype(np.float32)
+    x = x * rng.choice([-1.0, 1.0], x.size).astype(np.float32)
+    n_theta = 128
+    theta = ((np.arange(n_theta) + 0.5) / n_theta).astype(np.float32)
+    codes = codes8.encode_m_code(jnp.asarray(x)[:, None], jnp.asarray(theta)[None, :])
+    got = decode_m(np.asarray(codes))
+    ax_ = np.abs(x.astype(np.float64))
+    hi_i = np.minimum(np.searchsorted(M_TABLE, ax_, side="right"), 127)
+    lo, hi = M_TABLE[hi_i - 1], M_TABLE[hi_i]
+    lo = np.where(ax_ >= 1, 1.0, lo)
+    mag = np.abs(got)
+    assert np.all((mag == lo[:, None]) | (mag == hi[:, None]))
+    assert np.all((np.sign(got) == np.sign(x)[:, None]) | (got == 0))
+    # Over evenly spread thresholds the mean is the value, to 1/n_theta of a code step.
+    step = np.where(hi > lo, hi - lo, 1.0)
+    assert np.all(np.abs(mag.mean(axis=1) - ax_) <= step / n_theta * (1 + 1e-3))
+    # theta = 0.5: the nearest code.
+    nearest = np.abs(decode_m(np.asarray(codes8.encode_m_code(jnp.asarray(x), 0.5))))
+    assert np.all(np.abs(nearest - ax_) <= np.minimum(ax_ - lo, hi - ax_) + 1e-7 * ax_)
+    # Every code value encodes to itself whatever the threshold.
+    values = np.concatenate([-M_TABLE[::-1], M_TABLE[1:]]).astype(np.float32)
+    for th in (0.0, 0.5, 0.9999):
+        again = np.asarray(codes8.encode_m_code(jnp.asarray(values), th), np.int64)
+        np.testing.assert_array_equal(again, np.arange(-127, 128))
 
 
 def test_decayed_codes_reencode_to_themselves():
@@ -291,6 +355,91 @@ def test_8bit_directions_stay_bounded_on_the_mixture(mixture_errors):
     assert np.abs(got).max() <= 1.01
 
 
+# --- after a gradient spike: |m| / u far below its bound ----------------------------------
+
+N_SPIKE = 64 * BLOCK
+
+
+def _after_spike_data():
+    """Half the elements: one gradient of about 1 (either sign) at step 1, then a steady
+    gradient 1e-4..1e-2 of either sign, so u stays near the spike and |m| / u is about
+    1e-3 of its bound for thousands of steps. The other half, interleaved in the same
+    blocks: gradients 1e-4..1e-2 alternating in sign."""
+    rng = np.random.default_rng(5)
+    kind = rng.integers(0, 2, N_SPIKE)
+    spike = rng.choice([-1.0, 1.0], N_SPIKE) * 10.0 ** rng.uniform(-0.5, 0, N_SPIKE)
+    steady = rng.choice([-1.0, 1.0], N_SPIKE) * 1e-3 * 10.0 ** rng.uniform(-1, 1, N_SPIKE)
+    alternating = 1e-3 * 10.0 ** rng.uniform(-1, 1, N_SPIKE)
+    arrays = tuple(jnp.asarray(a, jnp.float32) for a in (kind, spike, steady, alternating))
+    return kind, arrays
+
+
+@jax.jit
+def _after_spike_runs(data):
+    """Updates at step 300, and p_t = p_{t-1} - update_t and the path sum_t |update_t| of
+    float32 state, for float32 and 8-bit state at steps 300 and 1000."""
+    kind, spike, steady, alternating = data
+    txs = (ax.scale_by_adamax(B1, B2), ax.scale_by_adamax(B1, B2, state_bits=8))
+
+    def step(carry, t):
+        states, ps, path, _ = carry
+        after = jnp.where(t == 1, spike, steady)
+        g = jnp.where(kind == 0, after, jnp.where(t % 2 == 0, alternating, -alternating))
+        steps = [tx.update(g, st) for tx, st in zip(txs, states, strict=True)]
+        ds, states = tuple(d for d, _ in steps), tuple(st for _, st in steps)
+        ps = tuple(p - d for p, d in zip(ps, ds, strict=True))
+        return (states, ps, path + jnp.abs(ds[0]), ds), None
+
+    z = jnp.zeros(N_SPIKE)
+    carry = (tuple(tx.init(z) for tx in txs), (z, z), z, (z, z))
+    at_300 = jax.lax.scan(step, carry, jnp.arange(1, 301))[0]
+    at_1000 = jax.lax.scan(step, at_300, jnp.arange(301, 1001))[0]
+    return at_300[3], [(c[1], c[2]) for c in (at_300, at_1000)]
+
+
+@pytest.fixture(scope="module")
+def after_spike():
+    kind, data = _after_spike_data()
+    (d32, d8), trajectories = jax.tree.map(
+        lambda x: np.asarray(x, np.float64), _after_spike_runs(data)
+    )
+    step_error = (np.abs(d8 - d32) / np.abs(d32))[kind == 0]
+    drift = [np.abs(p8 - p32) / path for (p32, p8), path in trajectories]
+    return step_error, drift
+
+
+def test_8bit_steps_after_a_spike_keep_relative_precision(after_spike):
+    """|m| / u about 1e-3 of its bound, where a linear code of m / u (steps of 1/127 of
+    the bound) gets each step 0 or one code step: off by a median 90 % and a 99th
+    percentile of 770 % against float32 state at step 300. The tapered code has two
+    codes per binade there (measured 8.9 % and 33 %)."""
+    step_error, _ = after_spike
+    assert np.median(step_error) <= 0.12
+    assert np.percentile(step_error, 99) <= 0.45
+
+
+@pytest.mark.parametrize("i", [0, 1], ids=["step 300", "step 1000"])
+def test_8bit_trajectories_after_a_spike_stay_near_float32(after_spike, i):
+    """|p_8bit - p_f32| as a fraction of the path p_f32 walked (the ratio is free of the
+    learning rate): the linear code drifted by a median 1.9-2.0 % and a 99th percentile
+    of 7.2-9.8 % (steps 300, 1000); the tapered code 1.2-1.4 % and 3.9-5.0 %."""
+    _, drift = after_spike
+    assert np.median(drift[i]) <= 0.017
+    assert np.percentile(drift[i], 99) <= 0.06
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 13's targets for 8-bit m; one byte cannot hold both the linear part "
+    "that keeps the mixture within 0.02 and 4+ codes per binade down to 1e-4",
+)
+def test_8bit_after_a_spike_meets_issue_13_targets(after_spike):
+    step_error, drift = after_spike
+    assert np.median(step_error) <= 0.05 and np.percentile(step_error, 99) <= 0.20
+    for d in drift:
+        assert np.median(d) <= 0.01 and np.percentile(d, 99) <= 0.05
+
+
 def test_step_stays_bounded_on_heavy_tailed_gradients():
     n, steps = 64 * BLOCK, 300
     scale = jnp.asarray(10.0 ** np.random.default_rng(3).uniform(-6, 2, n), jnp.float32)
@@ -468,7 +617,9 @@ def test_lazy_rows_keep_untouched_blocks_exactly():
     assert np.array_equal(np.asarray(state.u.scales)[::2], np.asarray(new.u.scales)[::2])
     # m keeps its value; its code may move by half a step when R_t grows (early steps).
     (m_old, u_old), (m_new, _) = decode_state(state), decode_state(new)
-    half_code = 0.5 * float(new.m.scale) / 127 * u_old[::2]
+    k = np.abs(np.asarray(new.m.codes, np.int64)[::2])
+    gap = np.maximum(np.diff(M_TABLE, prepend=0.0)[k], np.diff(M_TABLE, append=1.0)[k])
+    half_code = 0.5 * gap * float(new.m.scale) * u_old[::2]
     assert np.all(np.abs(m_new[::2] - m_old[::2]) <= half_code * (1 + 1e-5))
 
 
