@@ -6,20 +6,23 @@ adamax_jax optimizer builds is made of adamax_jax's own node types and a few of
 optax's, none of them registered by their owners, so a jitted training step could be
 exported for any platform but not saved. This module registers them at import.
 
-The registrations are driven by two lists, so a change of how a type is made a pytree
-(a NamedTuple, ``register_dataclass``, ``register_pytree_node``) needs no change
-here: :func:`_register` picks the serializer from the type itself.
+Our own types are listed in :data:`_OWN_TYPES`; optax's NamedTuple states are found in
+its loaded modules, so every optax transform a user wraps ours in is covered. A change
+of how a type is made a pytree (a NamedTuple, ``register_dataclass``,
+``register_pytree_node``) needs no change here: :func:`_register` picks the serializer
+from the type itself.
 """
 
 from __future__ import annotations
 
 import ast
-import importlib
-from collections.abc import Sequence
+import sys
 from typing import Any
 
+import optax  # noqa: F401  (its modules must be loaded: their state types are registered)
 from jax import export
 
+from adamax_jax._lazy import StampedRows
 from adamax_jax._packed import PackedTree
 from adamax_jax._storage.codes8 import QuantizedM, QuantizedU
 from adamax_jax._transform import AdamaxState
@@ -30,25 +33,14 @@ _OWN_TYPES: tuple[tuple[type, str], ...] = (
     (QuantizedM, "adamax_jax.QuantizedM"),
     (QuantizedU, "adamax_jax.QuantizedU"),
     (PackedTree, "adamax_jax.PackedTree"),
+    (StampedRows, "adamax_jax.StampedRows"),
 )
 
-# optax's node types that our constructors, and the wrappers the documentation
-# recommends (chain, clipping, schedules, masks, inject_hyperparams, MultiSteps,
-# apply_if_finite), put in a state. Looked up by module and name because some live in
-# private modules; one that a future optax moved or renamed is skipped, and
-# serializing a state holding it then fails with JAX's own message naming the type.
-_OPTAX_TYPES: tuple[tuple[str, str], ...] = (
-    ("optax", "EmptyState"),
-    ("optax", "ScaleByScheduleState"),
-    ("optax", "MaskedState"),
-    ("optax", "MaskedNode"),
-    ("optax", "InjectHyperparamsState"),
-    ("optax", "InjectStatefulHyperparamsState"),
-    ("optax", "MultiStepsState"),
-    ("optax", "ApplyIfFiniteState"),
-    ("optax.schedules._inject", "WrappedScheduleState"),
-    ("optax.transforms._adding", "WeightDecaySchedule"),
-)
+# optax's state types are NamedTuples that JAX flattens natively and optax does not
+# register for serialization. Every one defined in a loaded optax module is
+# registered: a user chains and wraps our optimizers with any of them (partition,
+# schedule_free, ema, lookahead, ...), and a list kept by hand missed some.
+_OPTAX_NOT_STATE = frozenset({"GradientTransformation", "GradientTransformationExtraArgs"})
 
 
 def _is_namedtuple(nodetype: type) -> bool:
@@ -104,24 +96,29 @@ def _register(nodetype: type, serialized_name: str, *, strict: bool) -> None:
             raise
 
 
-def _optax_types(entries: Sequence[tuple[str, str]]) -> list[tuple[type, str]]:
-    found = []
-    for module_name, name in entries:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
+def _optax_types() -> list[tuple[type, str]]:
+    """The NamedTuple types defined in optax's loaded modules, each with its
+    serialized name (``adamax_jax.optax.`` and the class name, unique in optax)."""
+    found = {}
+    for module_name, module in sorted(sys.modules.items()):
+        if module is None or not (module_name == "optax" or module_name.startswith("optax.")):
             continue
-        nodetype = getattr(module, name, None)
-        if isinstance(nodetype, type):
-            found.append((nodetype, f"adamax_jax.optax.{name}"))
-    return found
+        for name, obj in vars(module).items():
+            if (
+                isinstance(obj, type)
+                and obj.__module__ == module_name
+                and _is_namedtuple(obj)
+                and name not in _OPTAX_NOT_STATE
+            ):
+                found[obj] = f"adamax_jax.optax.{name}"
+    return list(found.items())
 
 
 def register_all() -> None:
-    """Registers every node type of :data:`_OWN_TYPES` and :data:`_OPTAX_TYPES`."""
+    """Registers every node type of :data:`_OWN_TYPES` and optax's state types."""
     for nodetype, serialized_name in _OWN_TYPES:
         _register(nodetype, serialized_name, strict=True)
-    for nodetype, serialized_name in _optax_types(_OPTAX_TYPES):
+    for nodetype, serialized_name in _optax_types():
         _register(nodetype, serialized_name, strict=False)
 
 

@@ -142,6 +142,9 @@ class CaughtUp(NamedTuple):
     u: jax.Array
     last_step: jax.Array
     advanced: jax.Array  # the rows this step brings up to date, like ``touched``
+    # b2**k for each row, k the steps it skipped (1 where none), like ``touched``:
+    # 8-bit u carries its decay in the block scales, which need it as well.
+    u_decay: jax.Array
 
 
 def catch_up(
@@ -181,12 +184,13 @@ def catch_up(
     # Per row, then broadcast: b ** k costs nothing next to the leaf. Where k = 0 the
     # factor is exactly 1 (also for b = 0), so rows left as they were keep their bits.
     skipped_any = k > 0
+    u_decay = jnp.where(skipped_any, b2**k, 1)
     m = m * jnp.where(skipped_any, b1**k, 1)
-    u = u * jnp.where(skipped_any, b2**k, 1)
+    u = u * u_decay
     if floor is not None:
         # max(b2 u, |0| + eps) at each zero step: after k >= 1 of them, max(b2**k u, eps).
         # (The step's own max(b2 u, |g| + eps) would give the same u without this
         # floor, as |g| + eps >= eps; it keeps the caught-up state dense Adamax's.)
         u = jnp.where(skipped_any, jnp.maximum(u, floor), u)
     advanced = rows.reshape(touched.shape) if grouped else touched
-    return CaughtUp(m, u, new_last, advanced)
+    return CaughtUp(m, u, new_last, advanced, u_decay)

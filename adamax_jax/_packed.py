@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adamax_jax import _explicit, _leaves
+from adamax_jax import _explicit, _leaves, _validation
 
 DEFAULT_MAX_LEAF_SIZE = 8192
 
@@ -115,6 +115,11 @@ class _Layout:
     def pack(self, leaves: list[Any]) -> PackedTree:
         large = tuple(leaf for leaf, s in zip(leaves, self.slots, strict=True) if s.group is None)
         dtypes = self.buffer_dtypes(leaves)
+        if any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves):
+            # Abstract parameters (optax's harnesses init on them): abstract buffers.
+            sizes = {g: sum(s.size for s in self.slots if s.group == g) for g in self.groups}
+            small_abstract = {g: jax.ShapeDtypeStruct((n,), dtypes[g]) for g, n in sizes.items()}
+            return PackedTree(large, small_abstract, self.leaf_groups)
         parts: dict[str, list[Any]] = {g: [] for g in self.groups}
         for leaf, s in zip(leaves, self.slots, strict=True):
             if s.group is not None:
@@ -129,8 +134,9 @@ class _Layout:
         """The leaves of ``tree``, each laid out like its counterpart in ``like``.
 
         A leaf of ``like`` that was promoted into its buffer (see :meth:`buffer_dtypes`)
-        gets its piece back in its own dtype, as a transform that keeps each
-        gradient's dtype (adamax_jax's own) would give it unpacked.
+        gets its piece back in its dtype promoted with its parameter's, as a transform
+        whose state takes the parameters' dtype (adamax_jax's own, optax's) would give
+        it unpacked.
         """
         dtypes = self.buffer_dtypes(like)
         out = []
@@ -140,11 +146,25 @@ class _Layout:
             else:
                 piece = jax.lax.slice_in_dim(tree.small[s.group], s.index, s.index + s.size)
                 piece = piece.reshape(s.shape)
-                own = _leaves.dtype_of(leaf)
+                own = jnp.promote_types(_leaves.dtype_of(leaf), jnp.dtype(s.group))
                 if own != dtypes[s.group]:
                     piece = piece.astype(own)
             out.append(_explicit.laid_out_like(piece, leaf))
         return out
+
+
+def holds_packed(tree: Any) -> bool:
+    """Whether ``tree`` holds a :class:`PackedTree` node (a packed state or parameters)."""
+    nodes = jax.tree.leaves(tree, is_leaf=lambda n: isinstance(n, PackedTree))
+    return any(isinstance(n, PackedTree) for n in nodes)
+
+
+def packs_leaves(tree: Any) -> bool:
+    """Whether ``tree`` holds a :class:`PackedTree` with leaves packed into a buffer."""
+    nodes = jax.tree.leaves(tree, is_leaf=lambda n: isinstance(n, PackedTree))
+    return any(
+        isinstance(n, PackedTree) and any(g is not None for g in n.leaf_groups) for n in nodes
+    )
 
 
 def _size(shape: tuple[int, ...]) -> int:
@@ -273,6 +293,8 @@ def _init_packed(
     """
     try:
         state = inner.init(cast(optax.Params, packed_params))  # a pytree like any other
+    except _validation.UnsupportedCombination:
+        raise  # already names the combination and what to do
     except Exception as error:
         try:
             unpacked = jax.eval_shape(inner.init, params)
@@ -369,14 +391,15 @@ def packed(
         parameters join the bfloat16 parameters' buffer, which then holds them
         in float32), so that the state keeps the dtypes ``init`` gave it, as
         unpacked. Where gradients of several dtypes share a buffer, it holds
-        them in their promoted dtype and each update is cast back to its
-        gradient's dtype at the end: rounded once, where
-        :func:`adamax_jax.adamax` unpacked rounds it after its core step and
-        again after the learning rate (1 ulp apart), and a transform whose
-        updates take a wider state's dtype (``optax.adam`` on float32 state
-        with bfloat16 gradients) gives them unpacked in that dtype. Other
-        structures, shapes, or integer or complex gradients of real parameters
-        raise ``ValueError``.
+        them in their promoted dtype and each update is cast back at the end to
+        its gradient's dtype promoted with its parameter's, the dtype
+        :func:`adamax_jax.adamax` and ``optax.adam`` give it unpacked (their
+        state has the parameters' dtype): rounded once, where unpacked
+        :func:`adamax_jax.adamax` may round after its core step and again after
+        the learning rate (1 ulp apart). A stateless transform (``optax.sgd``)
+        then gives a bfloat16 gradient of a float32 parameter a float32 update,
+        where unpacked it keeps bfloat16. Other structures, shapes, or integer
+        or complex gradients of real parameters raise ``ValueError``.
       - With sharded parameters, keep ``max_leaf_size`` below the size of the
         sharded leaves: large leaves keep their sharding, and the packed
         buffers of small (typically replicated) leaves are laid out by XLA.
@@ -444,6 +467,12 @@ def packed(
     inner = optax.with_extra_args_support(transform)
 
     def init_fn(params: optax.Params) -> optax.OptState:
+        if holds_packed(params):
+            raise _validation.UnsupportedCombination(
+                "packed(): the parameters are already packed (a PackedTree), as they are "
+                "inside another packed(); packed(packed(...)) would pack the buffers again. "
+                "Use one packed() around the transform."
+            )
         leaves = jax.tree.leaves(params)
         if not leaves:
             # Nothing to pack. Handing the tree over unchanged keeps the placeholder of

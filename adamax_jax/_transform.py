@@ -13,7 +13,7 @@ import numpy as np
 import optax
 from jax.core import Tracer
 
-from adamax_jax import _explicit, _lazy, _leaves, _storage, _validation, _wrapped
+from adamax_jax import _explicit, _lazy, _leaves, _packed, _storage, _validation, _wrapped
 
 EpsPlacement = Literal["denominator", "max"]
 EPS_PLACEMENTS: tuple[str, ...] = ("denominator", "max")
@@ -216,8 +216,11 @@ def scale_by_adamax(
     eps_value = _validation.concrete_array(eps, "eps")
     options = _Options(
         eps_in_max=eps_placement == "max",
-        # A concrete eps that stays positive in float32 (the narrowest compute dtype).
-        eps_positive=eps_value is not None and bool(np.all(eps_value.astype(np.float32) > 0)),
+        # A concrete eps that stays positive in float32 (the narrowest compute dtype)
+        # as a normal number: compiled code flushes float32 subnormals (below about
+        # 1.2e-38) to zero, so eps=1e-40 must keep the zero-denominator guard.
+        eps_positive=eps_value is not None
+        and bool(np.all(eps_value.astype(np.float32) >= np.finfo(np.float32).tiny)),
         bias_correction=_validation.check_bool("bias_correction", bias_correction),
         nesterov=_validation.check_bool("nesterov", nesterov),
         lazy_rows=_lazy.check_mode(lazy_rows),
@@ -238,6 +241,14 @@ def scale_by_adamax(
 
     def init_fn(params: optax.Params) -> AdamaxState:
         _validation.check_float_leaves(params, "parameter")
+        if options.lazy_rows is not None and _packed.packs_leaves(params):
+            raise _validation.UnsupportedCombination(
+                f"lazy_rows={lazy_rows!r} cannot run inside packed(): a row is a slice "
+                "along axis 0 of a parameter, and packed() concatenates small parameters "
+                "into flat buffers, where every element would be a row. Give the "
+                "embedding tables their own optimizer with optax.partition: lazy adamax "
+                "for the tables, packed(adamax()) for the rest"
+            )
 
         def per_leaf(zeros: Callable[[Any], Any]) -> Callable[[Any], Any]:
             # A framework's wrapper around a parameter (an nnx Variable) goes around
@@ -263,6 +274,13 @@ def scale_by_adamax(
                 "as plain dicts and lists: restore it onto jax.eval_shape(opt.init, params)"
             )
         _validation.check_float_leaves(updates, "gradient")
+        if _packed.holds_packed(state.m) != _packed.holds_packed(updates):
+            made, now = ("", "not ") if _packed.holds_packed(state.m) else ("not ", "")
+            raise ValueError(
+                f"the state was {made}made by packed()'s init (packed moments are "
+                f"PackedTree buffers), but the gradients are {now}packed: update the "
+                "state with the optimizer whose init made it"
+            )
         # Wrapped parameters (nnx Variables) are leaves here: see _wrapped.
         treedef = jax.tree.structure(updates, is_leaf=_wrapped.is_wrapped)
         paths_and_slots = jax.tree_util.tree_leaves_with_path(updates, is_leaf=_wrapped.is_wrapped)
@@ -315,12 +333,16 @@ class _Options:
 
     def m_zeros(self, p: Any) -> Any:
         p_dtype = _leaves.dtype_of(p)
-        dtype = p_dtype if self.m_dtype is None else self.m_dtype
-        if jnp.issubdtype(p_dtype, jnp.complexfloating) and not jnp.issubdtype(
-            dtype, jnp.complexfloating
-        ):
-            dtype = jnp.result_type(dtype, jnp.complex64)  # m of a complex parameter
+        dtype = self.plain_m_dtype(p_dtype) or p_dtype
         return _storage.zeros(p, dtype, "m", state_bits=self.state_bits, block_size=self.block_size)
+
+    def plain_m_dtype(self, p_dtype: Any) -> jnp.dtype | None:
+        """The dtype ``m_dtype`` gives ``m`` of a parameter of ``p_dtype`` (None: its own)."""
+        if self.m_dtype is None:
+            return None
+        if jnp.issubdtype(p_dtype, jnp.complexfloating):
+            return jnp.dtype(jnp.result_type(self.m_dtype, jnp.complex64))  # m is complex
+        return self.m_dtype
 
     def u_zeros(self, p: Any) -> Any:
         dtype = _storage.real_dtype(_leaves.dtype_of(p)) if self.u_dtype is None else self.u_dtype
@@ -342,6 +364,49 @@ class _Options:
                 f"at), but this optimizer has lazy_rows={self.lazy_rows or False!r}; make "
                 "the state with init of the same configuration"
             )
+        u = _lazy.split(u)[0]
+        quantized = _storage.is_coded(u)
+        if quantized != (self.state_bits is not None and _storage.codes8.quantizable(g)):
+            same = False
+        elif quantized:
+            same = u.block_size == _storage.codes8.leaf_block_size(self.block_size, g.shape)
+        else:
+            # With m_dtype/u_dtype None a moment has its parameter's dtype, which the
+            # gradient need not share (float32 gradients of bfloat16 parameters).
+            want_m, want_u = self.plain_m_dtype(g.dtype), self.u_dtype
+            same = (want_m is None or m.dtype == want_m) and (want_u is None or u.dtype == want_u)
+        if not same:
+            raise ValueError(
+                f"the state of {where} was made by an optimizer with "
+                f"{_storage.describe(m, u)}, but this optimizer has {self.describe_state()}; "
+                "make the state with init of this optimizer (restore a checkpoint onto "
+                "jax.eval_shape(opt.init, params))"
+            )
+
+    def update_dtype(self, grad_dtype: Any, m: Any, u: Any) -> jnp.dtype:
+        """The dtype of a leaf's update: the gradient's promoted with the parameter's.
+
+        Updates the parameters can absorb: float16 gradients of float32 parameters
+        get float32 updates (in float16 a step of 1e-8 would round to zero), as in
+        optax, whose moments have the parameters' dtype. Gradients of the
+        parameters' own dtype keep it, whatever the state is stored in, which is what
+        ``optax.apply_if_finite`` needs. The parameter's dtype is read off a moment
+        that ``init`` gave it (``m`` unless ``m_dtype`` was set, 8-bit ``m`` always,
+        else ``u`` unless ``u_dtype`` was set); with both storage dtypes set it is
+        unknown, and the update keeps the gradient's dtype.
+        """
+        if self.m_dtype is None or _storage.is_coded(m):
+            return jnp.promote_types(grad_dtype, m.dtype)
+        if self.u_dtype is None and not _storage.is_coded(u):
+            return jnp.promote_types(grad_dtype, u.dtype)
+        return jnp.dtype(grad_dtype)
+
+    def describe_state(self) -> str:
+        """This optimizer's state options, as an error message shows them."""
+        if self.state_bits is not None:
+            return f"state_bits={self.state_bits}, block_size={self.block_size}"
+        show = lambda d: "None" if d is None else repr(jnp.dtype(d).name)
+        return f"state_bits=None, m_dtype={show(self.m_dtype)}, u_dtype={show(self.u_dtype)}"
 
 
 class _Scalars(NamedTuple):
@@ -387,8 +452,9 @@ def _leaf_update(
     m_prev, u_prev = _storage.read_moments(m_stored, u_stored, cdt, s.b1.dtype)
     floor = s.eps if options.eps_in_max else None
     keep = _Keep.of(gc, options)
+    u_decay = None  # catch_up: the decay of the steps each row skipped
     if last_step is not None:
-        m_prev, u_prev, last_step, keep = keep.catch_up(
+        m_prev, u_prev, last_step, u_decay, keep = keep.catch_up(
             m_prev, u_prev, last_step, u_stored, s, floor
         )
 
@@ -414,10 +480,11 @@ def _leaf_update(
         # Skipped elements must not size the 8-bit block scales either.
         grad=gc if keep.finite is None else jnp.where(keep.finite, gc, 0),
         floor=0.0 if floor is None else floor,
+        u_decay=u_decay,
     )
     if last_step is not None:
         u_new = _lazy.StampedRows(u_new, last_step)
-    return upd.astype(g.dtype), m_new, u_new
+    return upd.astype(options.update_dtype(g.dtype, m_stored, u_stored)), m_new, u_new
 
 
 def _direction(m: jax.Array, u: jax.Array, g: jax.Array, s: _Scalars, options: _Options) -> Any:
@@ -477,11 +544,15 @@ class _Keep:
         u_stored: Any,
         s: _Scalars,
         floor: jax.Array | None,
-    ) -> tuple[jax.Array, jax.Array, jax.Array, _Keep]:
+    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, _Keep]:
         """``lazy_rows="catch_up"``: the rows this step brings up to date first get the
         decay of the steps they skipped. With 8-bit state those are whole groups of
         rows (see ``_lazy``), whose state all advances while only the rows with
-        gradient step."""
+        gradient step.
+
+        Returns the caught-up ``m`` and ``u``, the new stamps, each row's ``u`` decay
+        factor and what to keep.
+        """
         assert self.rows is not None
         rows_per_stamp = _lazy.group_rows(m.shape, u_stored)
         caught = _lazy.catch_up(
@@ -496,7 +567,7 @@ class _Keep:
             rows_per_stamp=rows_per_stamp,
         )
         keep = self if rows_per_stamp == 1 else _Keep(caught.advanced, self.finite, self.rows)
-        return caught.m, caught.u, caught.last_step, keep
+        return caught.m, caught.u, caught.last_step, caught.u_decay, keep
 
     def no_step_where_kept(self, upd: jax.Array) -> jax.Array:
         for where in (self.mask, self.stepped):

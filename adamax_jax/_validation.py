@@ -20,6 +20,15 @@ from jax.core import Tracer
 from adamax_jax import _leaves, _wrapped
 from adamax_jax._storage import codes8
 
+
+class UnsupportedCombination(ValueError):
+    """A combination of options or wrappers that adamax_jax refuses, naming both sides.
+
+    A ``ValueError``; wrappers that re-word their inner transform's errors
+    (:func:`~adamax_jax.packed`) pass it on unchanged, since it already says what to do.
+    """
+
+
 # The step is computed in at least float32, so a bound that a Python float keeps
 # may be lost after rounding (b1 = 1 - 1e-8 is 1.0 in float32: 1 / (1 - b1**t) = inf).
 _COMPUTE_FLOAT = np.float32
@@ -122,6 +131,13 @@ def check_dtype_option(name: str, value: Any) -> jnp.dtype | None:
         raise TypeError(f"{name} must be a floating dtype or None, got {value!r}") from e
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"{name} must be a floating dtype (such as jnp.float32), got {dtype}")
+    if jnp.finfo(dtype).bits < 16:
+        # float8 and narrower: too few bits for a moment rounded on its own (the
+        # state_bits codes keep 8 bits per moment by coding them against block scales).
+        raise ValueError(
+            f"{name} must be float16, bfloat16, float32 or float64, got {dtype}; for "
+            "moments in one byte each, pass state_bits=8 instead"
+        )
     return dtype
 
 

@@ -35,6 +35,8 @@ def adamax_update(
     nesterov: bool = False,
     weight_decay: float = 0.0,
     rows: np.ndarray | None = None,
+    lazy: str = "freeze",
+    skip_nonfinite: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One Adamax step at step number ``t`` (1-based); returns (params, m, u).
 
@@ -42,31 +44,50 @@ def adamax_update(
     ``b1 m_t / (1 - b1**(t+1)) + (1 - b1) g_t / (1 - b1**t)``.
     ``weight_decay`` is decoupled (Loshchilov & Hutter): ``lr * weight_decay * params``
     of the previous parameters is subtracted beside the Adamax step, outside the
-    moments. ``rows`` (booleans along axis 0) is TensorFlow's sparse update: only
-    those rows step; the others keep their parameters and moments, and ``t`` stays
-    the global step.
+    moments, on every element. Complex parameters use the modulus, ``u`` is real.
+
+    Elements that take no Adamax step (their step is zero, the decay still applies):
+
+    * ``rows`` (booleans along axis 0): only those rows step. With ``lazy="freeze"``
+      (TensorFlow's sparse update) the other rows keep their moments; with
+      ``lazy="catch_up"`` the moments are dense Adamax's (every row's moments evolve,
+      on a zero gradient where the row has none) and only the step is lazy.
+    * ``skip_nonfinite``: elements whose gradient is NaN or infinite keep their
+      moments.
     """
-    params, grads, m, u = (np.asarray(x, np.float64) for x in (params, grads, m, u))
-    new_m = beta1 * m + (1.0 - beta1) * grads
+    real = np.float64
+    cplx = any(np.iscomplexobj(x) for x in (params, grads, m))
+    kind = np.complex128 if cplx else real
+    params, grads, m = (np.asarray(x, kind) for x in (params, grads, m))
+    u = np.asarray(u, real)
+    finite = np.isfinite(grads) if skip_nonfinite else np.ones(grads.shape, bool)
+    g = np.where(finite, grads, 0)
+    new_m = beta1 * m + (1.0 - beta1) * g
     if eps_placement == "max":
-        new_u = np.maximum(beta2 * u, np.abs(grads) + epsilon)
+        new_u = np.maximum(beta2 * u, np.abs(g) + epsilon)
         denom = new_u
     else:
-        new_u = np.maximum(beta2 * u, np.abs(grads))
+        new_u = np.maximum(beta2 * u, np.abs(g))
         denom = new_u + epsilon
     if nesterov and bias_correction:
-        m_hat = beta1 * new_m / (1.0 - beta1 ** (t + 1)) + (1.0 - beta1) * grads / (1.0 - beta1**t)
+        m_hat = beta1 * new_m / (1.0 - beta1 ** (t + 1)) + (1.0 - beta1) * g / (1.0 - beta1**t)
     elif nesterov:
-        m_hat = beta1 * new_m + (1.0 - beta1) * grads
+        m_hat = beta1 * new_m + (1.0 - beta1) * g
     else:
         m_hat = new_m / (1.0 - beta1**t) if bias_correction else new_m
     with np.errstate(divide="ignore", invalid="ignore"):
         step = np.where(denom > 0, m_hat / np.where(denom > 0, denom, 1.0), 0.0)
-    new_params = params - lr * step - lr * weight_decay * params
-    if rows is None:
-        return new_params, new_m, new_u
-    keep = np.reshape(np.asarray(rows, bool), (-1,) + (1,) * (params.ndim - 1))
-    return np.where(keep, new_params, params), np.where(keep, new_m, m), np.where(keep, new_u, u)
+    new_m, new_u = np.where(finite, new_m, m), np.where(finite, new_u, u)
+    stepping = finite
+    if rows is not None:
+        touched = np.reshape(np.asarray(rows, bool), (-1,) + (1,) * (params.ndim - 1))
+        stepping = stepping & touched
+        if lazy == "freeze":
+            new_m, new_u = np.where(touched, new_m, m), np.where(touched, new_u, u)
+        elif lazy != "catch_up":
+            raise ValueError(f"unknown lazy mode {lazy!r}")
+    new_params = params - lr * np.where(stepping, step, 0) - lr * weight_decay * params
+    return new_params, new_m, new_u
 
 
 def _at(value: Hyper, count: int) -> float:
@@ -110,3 +131,25 @@ def step_bound(b1: float, b2: float, t: int) -> float:
     """Upper bound of |m_hat_t| / u_t for Adamax with b1 < b2 (Kingma & Ba, sec. 7.1)."""
     r = b1 / b2
     return (1 - b1) / (1 - b1**t) * (1 - r**t) / (1 - r)
+
+
+def direction_bound(
+    b1: float, b2: float, t: np.ndarray, *, nesterov: bool, bias_correction: bool
+) -> np.ndarray:
+    """Upper bound of |direction_t| for each step number in ``t`` (float64).
+
+    |m_t| <= (1 - b1) * u_t * S_t with S_t = sum_{j<t} (b1/b2)^j, because
+    |g_k| <= u_t / b2^(t-k). The plain step divides by 1 - b1^t; the Nesterov step
+    is b1 * m_t / (1 - b1^(t+1)) + (1 - b1) * g_t / (1 - b1^t) with |g_t| <= u_t.
+    With lazy rows a row that has stepped k <= t times has |m| <= (1 - b1) u S_k
+    and S_k <= S_t, while the bias correction takes the global t: the same bound.
+    """
+    t = np.asarray(t, np.float64)
+    r = b1 / b2
+    s = (1 - r**t) / (1 - r)  # b1 < b2, so r < 1
+    if not bias_correction:
+        plain = (1 - b1) * s
+        return b1 * plain + (1 - b1) if nesterov else plain
+    if not nesterov:
+        return np.array([step_bound(b1, b2, int(k)) for k in t])
+    return b1 * (1 - b1) * s / (1 - b1 ** (t + 1)) + (1 - b1) / (1 - b1**t)

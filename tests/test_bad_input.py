@@ -223,6 +223,13 @@ def test_array_hyperparameters_are_checked_element_by_element():
         ({"m_dtype": jnp.int8}, TypeError, "m_dtype must be a floating dtype"),
         ({"u_dtype": "float33"}, TypeError, "u_dtype must be a floating dtype or None"),
         ({"eps_placement": "min"}, ValueError, "eps_placement must be one of"),
+        # float8 moments would fail at update with a type-promotion error.
+        (
+            {"m_dtype": "float8_e4m3fn"},
+            ValueError,
+            "m_dtype must be float16, bfloat16.*state_bits=8",
+        ),
+        ({"u_dtype": jnp.float8_e5m2}, ValueError, "u_dtype must be float16, bfloat16"),
     ],
 )
 def test_bad_options_are_refused(kwargs, error, message):
@@ -259,6 +266,41 @@ def test_a_state_of_another_lazy_rows_mode_is_refused(made_with, used_with):
     state = ax.adamax(lazy_rows=made_with).init(params)
     with pytest.raises(ValueError, match=_msg("['emb']", 'lazy_rows="catch_up"', "init")):
         ax.adamax(lazy_rows=used_with).update(params, state)
+
+
+_BIG = {"w": jnp.ones((64, 128)), "b": jnp.ones(7)}
+
+# (made with, used with, what the message names of each)
+_OTHER_CONFIGURATIONS = {
+    "8bit-into-float32": (dict(state_bits=8), {}, ("state_bits=8", "state_bits=None")),
+    "float32-into-8bit": ({}, dict(state_bits=8), ("state_bits=None", "state_bits=8")),
+    "block_size": (
+        dict(state_bits=8, block_size=128),
+        dict(state_bits=8),
+        ("block_size=128", "block_size=256"),
+    ),
+    "m_dtype": (
+        dict(m_dtype="bfloat16"),
+        dict(m_dtype="float32"),
+        ("m_dtype='bfloat16'", "m_dtype='float32'"),
+    ),
+    "u_dtype": (
+        dict(u_dtype="float16"),
+        dict(u_dtype="bfloat16"),
+        ("u_dtype='float16'", "u_dtype='bfloat16'"),
+    ),
+}
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("name", list(_OTHER_CONFIGURATIONS))
+def test_a_state_of_another_configuration_is_refused_naming_both(name, jit):
+    made, used, (said_made, said_used) = _OTHER_CONFIGURATIONS[name]
+    state = ax.adamax(1e-3, **made).init(_BIG)
+    opt = ax.adamax(1e-3, **used)
+    update = jax.jit(opt.update) if jit else opt.update
+    with pytest.raises(ValueError, match=_msg(said_made, said_used, "init")):
+        update(_BIG, state, _BIG)
 
 
 def test_traced_hyperparameters_pass_unchecked_into_inject_hyperparams():

@@ -168,9 +168,20 @@ def test_zero_first_gradient_gives_zero_step(placement):
     [
         lambda: ax.adamax(eps=0.0),
         lambda: ax.adamax(eps=1e-50),  # positive, but 0 in float32
+        # Positive float32 subnormals, which compiled code flushes to zero.
+        lambda: ax.adamax(eps=1e-40),
+        lambda: ax.compat.torch_adamax(lr=1e-3, eps=1e-40),
+        lambda: ax.adamax(eps=1e-40, eps_placement="max"),
         lambda: optax.inject_hyperparams(ax.adamax)(learning_rate=1e-3, eps=0.0),  # traced
     ],
-    ids=["zero", "zero-in-float32", "injected-zero"],
+    ids=[
+        "zero",
+        "zero-in-float32",
+        "subnormal",
+        "torch-subnormal",
+        "subnormal-max",
+        "injected-zero",
+    ],
 )
 def test_zero_denominator_gives_zero_step_not_nan(make, jit):
     opt = make()
@@ -284,3 +295,20 @@ def test_negative_learning_rate_ascends():
     opt = ax.adamax(-0.1)
     updates, _ = opt.update(jnp.array([1.0]), opt.init(jnp.zeros(1)))
     assert float(updates[0]) > 0
+
+
+@pytest.mark.parametrize("state", [{}, {"state_bits": 8}, {"lazy_rows": "catch_up"}])
+def test_narrower_gradients_get_updates_in_the_parameters_dtype(state):
+    # float16 gradients of float32 parameters: a float16 update would round a step
+    # of lr 1e-8 to zero (1e-6: to within 6%). optax promotes with its float32 state.
+    opt = ax.adamax(1e-8, **state)
+    params = jnp.ones((64, 64))
+    updates, _ = jax.jit(opt.update)(jnp.ones((64, 64), jnp.float16), opt.init(params), params)
+    assert updates.dtype == jnp.float32
+    np.testing.assert_allclose(updates, -1e-8, rtol=1e-6)
+    # Gradients of the parameters' own dtype keep it, whatever the state's dtype
+    # (optax.apply_if_finite needs that).
+    opt = ax.adamax(1e-3, m_dtype="float32", u_dtype="float32", **state)
+    params16 = jnp.ones((64, 64), jnp.bfloat16)
+    updates, _ = opt.update(jnp.ones((64, 64), jnp.bfloat16), opt.init(params16), params16)
+    assert updates.dtype == jnp.bfloat16

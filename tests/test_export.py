@@ -57,6 +57,31 @@ FORMS: dict[str, tuple[Callable[[], optax.GradientTransformation], bool]] = {
     "lazy_rows": (lambda: ax.adamax(1e-3, lazy_rows=True), False),
     "skip_nonfinite": (lambda: ax.adamax(1e-3, skip_nonfinite=True), True),
     "packed": (lambda: ax.packed(ax.adamax(1e-3), max_leaf_size=100), False),
+    "catch_up": (lambda: ax.adamax(1e-3, lazy_rows="catch_up"), False),
+    "8bit_catch_up_skip_nonfinite": (
+        lambda: ax.adamax(1e-3, state_bits=8, lazy_rows="catch_up", skip_nonfinite=True),
+        True,
+    ),
+    # What the error messages and the docs point users to: parameter groups
+    # (partition / multi_transform, 8-bit state for one group only), schedule-free.
+    "partition_8bit_group": (
+        lambda: optax.partition(
+            {"big": ax.adamax(1e-3, state_bits=8), "small": ax.adamaxw(1e-2)},
+            {"w": "big", "b": "small"},
+        ),
+        False,
+    ),
+    "multi_transform": (
+        lambda: optax.multi_transform(
+            {"a": ax.adamax(1e-3), "b": optax.sgd(1e-2)}, {"w": "a", "b": "b"}
+        ),
+        False,
+    ),
+    "schedule_free": (lambda: optax.contrib.schedule_free(ax.adamax(1e-3), 1e-3), False),
+    "ema_and_zero_nans": (
+        lambda: optax.chain(optax.zero_nans(), ax.adamax(1e-3), optax.ema(0.9)),
+        True,
+    ),
     "lr_schedule": (lambda: ax.adamax(_SCHEDULE), False),
     "adamaxw_masked_wd_schedule": (
         lambda: ax.adamaxw(1e-3, weight_decay=_SCHEDULE, mask={"w": True, "b": False}),
@@ -225,3 +250,33 @@ def test_static_data_that_would_not_read_back_is_refused() -> None:
         "a",
         None,
     )
+
+
+def _optax_state_types() -> list[type]:
+    """Every NamedTuple class defined in optax's modules (states, and a few helpers)."""
+    found = []
+    for name, module in sorted(sys.modules.items()):
+        if module is None or not (name == "optax" or name.startswith("optax.")):
+            continue
+        for obj in vars(module).values():
+            if (
+                isinstance(obj, type)
+                and obj.__module__ == name
+                and issubclass(obj, tuple)
+                and hasattr(obj, "_fields")
+                and not obj.__name__.startswith("GradientTransformation")
+            ):
+                found.append(obj)
+    return found
+
+
+def test_every_optax_state_type_serializes():
+    # A user wraps or chains our optimizers in any optax transform (partition,
+    # schedule_free, ema, lookahead, ...); its state must not stop the export.
+    types = _optax_state_types()
+    assert len(types) > 50  # optax 0.2.8 defines 74
+    for nodetype in types:
+        node = nodetype(*(jnp.zeros([1]) for _ in nodetype._fields))
+        exported = export.export(jax.jit(lambda x: x))(node)
+        restored = export.deserialize(exported.serialize())
+        assert restored.in_tree == jax.tree.structure(((node,), {})), nodetype

@@ -288,20 +288,60 @@ def test_catch_up_through_optax_wrappers_and_packed():
     wrapped = optax.apply_if_finite(ax.adamax(0.1, lazy_rows="catch_up"), 3)
     for k, v in _run(wrapped, grads)[0].items():
         np.testing.assert_allclose(v, base[k], rtol=1e-6, atol=1e-9)
-    # packed: the cube (48 elements) stays a leaf and keeps its rows; the smaller
-    # leaves are raveled into one buffer, so each of their elements is a row.
+    # packed() would ravel the small leaves into one buffer, where every element is a
+    # row: refused at init, naming both options.
     packed = ax.packed(ax.adamax(0.1, lazy_rows="catch_up"), max_leaf_size=40)
-    got, _ = _run(packed, grads)
-    np.testing.assert_allclose(got["cube"], base["cube"], rtol=1e-6, atol=1e-9)
-    for k in ("vec", "scalar"):
-        np.testing.assert_allclose(got[k], base[k], rtol=1e-6, atol=1e-9)
-    per_element, _ = _run(
-        ax.adamax(0.1, lazy_rows="catch_up"), {"t": grads["table"].reshape(20, -1)}
-    )
-    np.testing.assert_allclose(got["table"].reshape(20, -1), per_element["t"], rtol=1e-6)
-    # The table's zero elements inside touched rows do not step there, unlike with rows.
-    t, r = again
-    assert got["table"][t, r, 2] == 0 and base["table"][t, r, 2] != 0
+    with pytest.raises(ValueError, match=r"lazy_rows=.catch_up. cannot run inside packed\(\)"):
+        packed.init(jax.tree.map(lambda g: jnp.zeros(g.shape[1:]), grads))
+
+
+def test_catch_up_8bit_after_a_long_skip_matches_dense_8bit():
+    # One gradient of 1, then the row is skipped while u decays by 6e-6, then steady
+    # gradients of 1e-4. The caught-up block scale must carry that decay too, or the
+    # row's u codes sit far below the code's range (the step was 56% off float32).
+    b2, skip, shape = 0.99, 1200, (64, 128)
+    touched = jnp.zeros(shape).at[32:].set(0.3)  # other rows, in other blocks
+
+    def run(**kw):
+        opt = ax.scale_by_adamax(B1, b2, **kw)
+        state = opt.init(jnp.zeros(shape))
+        _, state = opt.update(touched.at[0].set(1.0), state)
+        idle = lambda s, _: (opt.update(touched, s)[1], None)
+        back = lambda s, _: opt.update(touched.at[0].set(1e-4), s)[::-1]
+
+        def both(s):
+            s, _ = jax.lax.scan(idle, s, None, length=skip)
+            return jax.lax.scan(back, s, None, length=100)[1][:, 0, 0]
+
+        return np.asarray(jax.jit(both)(state))
+
+    exact = run(lazy_rows="catch_up")
+    dense8 = run(state_bits=8)
+    lazy8 = run(state_bits=8, lazy_rows="catch_up")
+    worst = lambda d: np.max(np.abs(d - exact) / np.abs(exact))
+    # 8-bit catch_up is as accurate as dense 8-bit (0.067 measured for both; 0.56
+    # when the scale missed the skipped steps' decay).
+    assert worst(lazy8) <= worst(dense8) * 1.05 + 1e-3 and worst(dense8) < 0.1
+
+
+def test_catch_up_8bit_keeps_the_skipped_decay_of_an_element_skipped_as_nonfinite():
+    # A row skipped 500 steps comes back with one non-finite element: that element
+    # keeps its caught-up state (u decayed by b2**500), as with float state.
+    shape = (32, 256)
+    others = jnp.zeros(shape).at[16:].set(0.3)
+
+    def run(**kw):
+        opt = ax.scale_by_adamax(B1, B2, skip_nonfinite=True, lazy_rows="catch_up", **kw)
+        state = opt.init(jnp.zeros(shape))
+        _, state = opt.update(others.at[0].set(1.0), state)
+        idle = lambda s, _: (opt.update(others, s)[1], None)
+        state, _ = jax.jit(lambda s: jax.lax.scan(idle, s, None, length=500))(state)
+        _, state = opt.update(others.at[0].set(0.5).at[0, 3].set(jnp.nan), state)
+        upd, _ = opt.update(others.at[0].set(0.5), state)
+        return float(upd[0, 3])
+
+    exact, coded = run(), run(state_bits=8)
+    np.testing.assert_allclose(coded, exact, rtol=0.02)  # was 0.1 of it (u not decayed)
 
 
 def test_tree_map_params_finds_the_stamps_beside_the_moments():

@@ -178,3 +178,36 @@ def test_narrow_state_is_deterministic_and_resumes_bit_exactly():
     for a, b, c in leaves:
         assert np.array_equal(np.asarray(a), np.asarray(b))
         assert np.array_equal(np.asarray(a), np.asarray(c))
+
+
+@pytest.mark.parametrize("spike", [1e5, 1e6, -3e7])
+def test_float16_state_saturates_instead_of_overflowing(spike):
+    # A gradient beyond float16's largest value (65504): stored as inf, u would make
+    # every later step 0, and m every later step NaN. Saturated, m keeps its ratio
+    # to u, so the element recovers and steps like float32 state afterwards.
+    def run(dtype):
+        opt = ax.scale_by_adamax(B1, B2, m_dtype=dtype, u_dtype=dtype)
+        state = opt.init(jnp.zeros(3))
+        first, state = opt.update(jnp.array([spike, 1.0, 0.0]), state)
+        steps = [first]
+        for _ in range(30):
+            d, state = opt.update(jnp.array([1.0, 1.0, 0.0]), state)
+            steps.append(d)
+        return np.asarray(steps), state
+
+    f16, state = run("float16")
+    f32, _ = run("float32")
+    assert np.all(np.isfinite(f16)) and np.all(np.isfinite(np.asarray(state.u, np.float32)))
+    assert np.all(np.asarray(state.m, np.float32) <= np.finfo(np.float16).max)
+    # The step direction survives the saturation (m and u scaled alike).
+    np.testing.assert_allclose(f16[1:, 0], f32[1:, 0], rtol=0.01)
+    np.testing.assert_allclose(f16[:, 1], f32[:, 1], rtol=2e-3)
+    assert np.all(f16[:, 2] == 0)
+
+
+def test_float16_state_keeps_infinities_from_nonfinite_gradients():
+    # Saturation is for finite values: an infinite gradient still poisons its element
+    # visibly (skip_nonfinite or apply_if_finite are the way to skip it).
+    opt = ax.scale_by_adamax(m_dtype="float16", u_dtype="float16")
+    _, state = opt.update(jnp.array([jnp.inf, 1.0]), opt.init(jnp.zeros(2)))
+    assert np.isinf(np.asarray(state.u, np.float32)[0])

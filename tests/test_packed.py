@@ -237,7 +237,8 @@ def test_gradients_of_other_float_dtypes_step_like_unpacked(with_params):
         u_packed, s_packed = up_packed(g, s_packed, p_arg)
         for name in params:
             a, b = u_packed[name], u_plain[name]
-            assert a.dtype == b.dtype == g[name].dtype, name
+            # The gradient's dtype promoted with the parameter's, as optax's updates.
+            assert a.dtype == b.dtype == jnp.promote_types(g[name].dtype, params[name].dtype), name
             if name in _PROMOTED:
                 # Rounded to its dtype once, after the learning rate, where unpacked
                 # rounds twice (after the core step, and after the learning rate).
@@ -451,10 +452,12 @@ def test_init_under_eval_shape_and_state_avals_are_stable():
     _, state2 = jax.jit(opt.update)(_grad(params, 0), state, params)
     _assert_same_avals(state2, state)
     # The same through lax.cond, which needs identical avals in both branches.
+    grads = _grad(params, 1)
+    update_avals = jax.eval_shape(lambda s: opt.update(grads, s, params)[0], state)
     _, state3 = jax.lax.cond(
         True,
-        lambda s: opt.update(_grad(params, 1), s, params),
-        lambda s: (_grad(params, 1), s),
+        lambda s: opt.update(grads, s, params),
+        lambda s: (jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), update_avals), s),
         state,
     )
     _assert_same_avals(state3, state)
@@ -668,3 +671,38 @@ def test_benchmark_runs_one_tiny_case(tmp_path):
     bench.plot(results, chosen, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 0
     assert math.isfinite(bench.copy_bandwidth(2**20, 3))
+
+
+# --- combinations packed() refuses, and abstract parameters -----------------------------
+
+
+def test_init_takes_abstract_parameters_as_optax_harnesses_pass_them():
+    # optax's sharding harness calls init on jax.ShapeDtypeStruct leaves directly.
+    params = _mixed_params()
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    opt = ax.packed(ax.adamax(0.01), _MAX)
+    _assert_same_avals(opt.init(shapes), opt.init(params))
+
+
+def test_packed_inside_packed_is_refused_at_init():
+    opt = ax.packed(ax.packed(ax.adamax(0.01), _MAX), _MAX)
+    with pytest.raises(ValueError, match=r"packed\(packed\(...\)\)"):
+        opt.init(_mixed_params())
+
+
+@pytest.mark.parametrize("lazy_rows", [True, "catch_up"])
+def test_lazy_rows_inside_packed_is_refused_at_init(lazy_rows):
+    # Packed, every element of a small leaf would be a row of its own.
+    opt = ax.packed(ax.adamax(0.01, lazy_rows=lazy_rows), _MAX)
+    with pytest.raises(ValueError, match=r"lazy_rows=.*cannot run inside packed\(\).*partition"):
+        opt.init(_mixed_params())
+
+
+@pytest.mark.parametrize("into_packed", [False, True])
+def test_a_state_of_the_other_layout_is_refused_naming_packed(into_packed):
+    params = _mixed_params()
+    made = ax.adamax(0.01) if into_packed else ax.packed(ax.adamax(0.01), _MAX)
+    used = ax.packed(ax.adamax(0.01), _MAX) if into_packed else ax.adamax(0.01)
+    grads = _grad(params, 0)
+    with pytest.raises(ValueError, match="packed"):
+        used.update(grads, made.init(params), params)

@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 
 import adamax_jax as ax
 from adamax_jax._storage import codes8
-from tests._reference import step_bound
+from tests._reference import direction_bound
 
 T, ROWS, COLS = 8, 3, 2  # steps per trajectory; a leaf of ROWS rows (for lazy_rows)
 N = ROWS * COLS
@@ -92,28 +92,6 @@ def row_grads(max_abs: float) -> st.SearchStrategy[np.ndarray]:
 
 
 # --- the bound, from the recurrences -------------------------------------------------
-
-
-def direction_bound(
-    b1: float, b2: float, t: np.ndarray, *, nesterov: bool, bias_correction: bool
-) -> np.ndarray:
-    """Upper bound of |direction_t| for each step number in ``t`` (float64).
-
-    |m_t| <= (1 - b1) * u_t * S_t with S_t = sum_{j<t} (b1/b2)^j, because
-    |g_k| <= u_t / b2^(t-k). The plain step divides by 1 - b1^t; the Nesterov step
-    is b1 * m_t / (1 - b1^(t+1)) + (1 - b1) * g_t / (1 - b1^t) with |g_t| <= u_t.
-    With lazy rows a row that has stepped k <= t times has |m| <= (1 - b1) u S_k
-    and S_k <= S_t, while the bias correction takes the global t: the same bound.
-    """
-    t = np.asarray(t, np.float64)
-    r = b1 / b2
-    s = (1 - r**t) / (1 - r)  # b1 < b2, so r < 1
-    if not bias_correction:
-        plain = (1 - b1) * s
-        return b1 * plain + (1 - b1) if nesterov else plain
-    if not nesterov:
-        return np.array([step_bound(b1, b2, int(k)) for k in t])
-    return b1 * (1 - b1) * s / (1 - b1 ** (t + 1)) + (1 - b1) / (1 - b1**t)
 
 
 @functools.cache
@@ -206,7 +184,7 @@ def test_step_is_bounded_across_dtypes(data, param_dtype, state_dtype, rtol, max
     b1, b2 = data.draw(betas())
     grads = data.draw(grad_sequences(max_abs))
     d = _directions({}, b1, b2, 1e-8, grads, param_dtype, state_dtype)
-    assert d.dtype == jnp.dtype(param_dtype)
+    assert d.dtype == jnp.dtype(param_dtype)  # gradients of the parameters' dtype
     _check_bound(d, b1, b2, rtol=rtol)
 
 
@@ -336,9 +314,15 @@ def test_state_keeps_the_dtypes_and_shapes_init_gave_it(config, shapes):
         assert jax.tree.structure(new_state) == jax.tree.structure(state)
         for old, new in zip(jax.tree.leaves(state), jax.tree.leaves(new_state), strict=True):
             assert (old.shape, old.dtype) == (new.shape, new.dtype)
-        # Updates come back in the gradients' dtypes.
-        for g, upd in zip(jax.tree.leaves(grads), jax.tree.leaves(updates), strict=True):
-            assert (g.shape, g.dtype) == (upd.shape, upd.dtype)
+        # Updates come back in the gradients' dtypes promoted with the parameters'
+        # (which the state records unless both storage dtypes are set).
+        core = state[0] if isinstance(state[0], ax.AdamaxState) else state.inner_state[0]
+        both_set = config.get("m_dtype") and config.get("u_dtype")
+        for name, g in grads.items():
+            coded = isinstance(core.m[name], codes8.QuantizedM)
+            p_dtype = g.dtype if both_set and not coded else params[name].dtype
+            want = jnp.promote_types(g.dtype, p_dtype)
+            assert (g.shape, want) == (updates[name].shape, updates[name].dtype), name
         if config.get("state_bits"):  # the large leaves were quantized
             is_q = lambda x: isinstance(x, codes8.QuantizedU)
             assert sum(map(is_q, jax.tree.leaves(state, is_leaf=is_q))) == 3

@@ -703,3 +703,51 @@ def test_python_float_leaves_work_with_8bit_state():
     state = opt.init(params)
     updates, _ = opt.update({"w": jnp.ones(8192), "s": 0.5}, state)
     np.testing.assert_allclose(float(updates["s"]), -0.01, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"eps_placement": "max"}, {"eps_placement": "max", "lazy_rows": "catch_up"}],
+    ids=["denominator", "max", "max-catch_up"],
+)
+def test_float64_parameters_under_x64(options):
+    # The codec works in float32 whatever the compute dtype: a float64 eps in the max
+    # once reached its bit patterns as two int32 words per element and crashed.
+    rng = np.random.default_rng(0)
+    grads = rng.normal(size=(5, 64, 128))
+    grads[:, ::3] = 0.0  # rows without gradient, for catch_up
+
+    def run(dtype):
+        opt = ax.scale_by_adamax(state_bits=8, **options)
+        p = jnp.zeros((64, 128), dtype)
+        state = opt.init(p)
+        out = []
+        for g in grads:
+            d, state = jax.jit(opt.update)(jnp.asarray(g, dtype), state)
+            out.append(np.asarray(d, np.float64))
+        return np.stack(out), d.dtype
+
+    with jax.enable_x64(True):
+        d64, dtype = run(jnp.float64)
+    d32, _ = run(jnp.float32)
+    assert dtype == jnp.float64
+    # The same codes but where float64 arithmetic tips a rounding to the next code.
+    assert np.mean(np.abs(d64 - d32) < 1e-6) > 0.999
+    np.testing.assert_allclose(d64, d32, atol=0.02)
+
+
+def test_a_block_larger_than_the_leaf_is_the_leaf():
+    # One block either way, but a block of 32768 over a leaf of 4096 would pad the
+    # leaf 8-fold on every step: the stored block size is the leaf's (as a power of two).
+    params = jnp.zeros((64, 64))
+    grads = jax.random.normal(jax.random.key(0), (3, 64, 64))
+    runs = {}
+    for block_size in (4096, 32768):
+        opt = ax.scale_by_adamax(state_bits=8, block_size=block_size)
+        state = opt.init(params)
+        assert state.u.block_size == 4096 and state.u.scales.shape == (1,)
+        runs[block_size] = [np.asarray(opt.update(g, state)[0]) for g in grads]
+    np.testing.assert_array_equal(runs[4096], runs[32768])
+    # A leaf between two powers of two gets the next one up: under 2x padding.
+    state = ax.scale_by_adamax(state_bits=8, block_size=65536).init(jnp.zeros(5000))
+    assert state.u.block_size == 8192

@@ -74,6 +74,19 @@ def zeros(
     return z
 
 
+def is_coded(stored: Any) -> bool:
+    """Whether a stored moment is integer codes (``state_bits``) rather than floats."""
+    return isinstance(stored, codes8.QuantizedU | codes8.QuantizedM)
+
+
+def describe(m_stored: Any, u_stored: Any) -> str:
+    """The stored form of one leaf's moments, in the words of the options that make it."""
+    if isinstance(u_stored, codes8.QuantizedU):
+        return f"state_bits=8, block_size={u_stored.block_size}"
+    m_name, u_name = jnp.dtype(m_stored.dtype).name, jnp.dtype(u_stored.dtype).name
+    return f"state_bits=None, m_dtype={m_name!r}, u_dtype={u_name!r}"
+
+
 def read_moments(
     m_stored: Any, u_stored: Any, m_dtype: jnp.dtype, u_dtype: jnp.dtype
 ) -> tuple[jax.Array, jax.Array]:
@@ -96,13 +109,17 @@ def write_moments(
     touched: jax.Array | None = None,
     grad: jax.Array | None = None,
     floor: jax.Array | float = 0.0,
+    u_decay: jax.Array | None = None,
 ) -> tuple[Any, Any]:
     """Stores both moments of one leaf in the forms of ``m_like`` and ``u_like``.
 
     ``b1`` and ``b2`` are the step's decay rates (quantized ``u`` keeps its decay
     in the block scales; quantized ``m`` is coded relative to the bound of |m| / u).
     ``touched`` (from ``lazy_rows`` and ``skip_nonfinite``, broadcastable to the
-    leaf) is False where the step kept the previous ``m`` and ``u``.
+    leaf) is False where the step kept the previous ``m`` and ``u``. ``u_decay``
+    (``lazy_rows="catch_up"``, per row) is the decay ``u`` got before this step for
+    the steps its row skipped, which ``u`` already includes; quantized ``u`` applies
+    it to its block scales too.
     """
     if isinstance(u_like, codes8.QuantizedU):
         return codes8.write(
@@ -116,5 +133,6 @@ def write_moments(
             touched=touched,
             grad=grad,
             floor=floor,
+            u_decay=u_decay,
         )
     return floats.write_pair(m, u, m_like, u_like, step=step, b1=b1, b2=b2)

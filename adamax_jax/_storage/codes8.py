@@ -129,6 +129,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from adamax_jax import _leaves
 from adamax_jax._storage import dither
@@ -214,10 +215,18 @@ class QuantizedM(_CodedMoment):
       codes: ``int8`` array of the parameter's shape; ``m = x * scale * u`` with ``x``
         the code's value in ``[-1, 1]`` (sign and magnitude; see the module docstring).
       scale: ``float32`` scalar, the bound on ``|m| / u`` the codes were written with.
+      param_dtype: The name of the parameter's dtype (static), which ``dtype`` reports,
+        as a plain ``m`` has its parameter's dtype: the update takes it.
     """
 
     codes: jax.Array
     scale: jax.Array
+    param_dtype: str = dataclasses.field(default="float32", metadata={"static": True})
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        """The parameter's dtype (the moment is computed in at least float32)."""
+        return jnp.dtype(self.param_dtype)
 
 
 jax.tree_util.register_dataclass(QuantizedU)
@@ -236,7 +245,18 @@ def _num_blocks(shape: tuple[int, ...], block_size: int) -> int:
     return -(-math.prod(shape) // block_size)
 
 
+def leaf_block_size(block_size: int, shape: tuple[int, ...]) -> int:
+    """The block size a leaf of ``shape`` stores its ``u`` with: ``block_size``, or
+    for a leaf smaller than one block the smallest power of two that holds it.
+
+    Either way the leaf is one block, but a block far larger than the leaf would be
+    padded on every step (a 4096-element leaf in blocks of 32768 took 8x as long).
+    """
+    return min(block_size, 1 << (math.prod(shape) - 1).bit_length())
+
+
 def zeros_u(param: Any, block_size: int) -> QuantizedU:
+    block_size = leaf_block_size(block_size, _leaves.shape_of(param))
     return QuantizedU(
         codes=jnp.zeros_like(param, dtype=_U_CODE_DTYPE),
         scales=jnp.zeros([_num_blocks(param.shape, block_size)], jnp.float32),
@@ -246,7 +266,9 @@ def zeros_u(param: Any, block_size: int) -> QuantizedU:
 
 def zeros_m(param: Any) -> QuantizedM:
     return QuantizedM(
-        codes=jnp.zeros_like(param, dtype=_M_CODE_DTYPE), scale=jnp.zeros([], jnp.float32)
+        codes=jnp.zeros_like(param, dtype=_M_CODE_DTYPE),
+        scale=jnp.zeros([], jnp.float32),
+        param_dtype=_leaves.dtype_of(param).name,
     )
 
 
@@ -264,6 +286,15 @@ def _to_blocks(x: jax.Array, block_size: int, fill: Any = 0) -> jax.Array:
 
 def _from_blocks(xb: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return xb.reshape(-1)[: math.prod(shape)].reshape(shape)
+
+
+def _per_block(per_row: jax.Array, shape: tuple[int, ...], block_size: int) -> jax.Array:
+    """A value per row of a leaf (rows along axis 0) as one per block: the value of
+    the row holding the block's first element. Exact where every block lies inside
+    rows that share their value, as the row groups of ``lazy_rows`` do."""
+    row_size = math.prod(shape[1:])
+    first_rows = np.arange(_num_blocks(shape, block_size)) * block_size // row_size
+    return per_row.reshape(-1)[first_rows]
 
 
 # --- the code of u -------------------------------------------------------------------
@@ -434,17 +465,24 @@ def write(
     touched: jax.Array | None,
     grad: jax.Array | None = None,
     floor: jax.Array | float = 0.0,
+    u_decay: jax.Array | None = None,
 ) -> tuple[QuantizedM, QuantizedU]:
     """Encodes the new ``m`` and ``u`` of one leaf (float32 values of its shape).
 
     ``touched`` (``lazy_rows``, ``skip_nonfinite``) is False where the step left
-    ``m`` and ``u`` as they were; those elements keep their codes. Integer codes
-    carry no derivative, so differentiating through this is refused.
+    ``m`` and ``u`` as they were; those elements keep their codes. ``u_decay``
+    (``lazy_rows="catch_up"``: ``b2**k`` per row, for the ``k`` steps the row
+    skipped) decays the scales of its blocks as well, so that a caught-up block's
+    codes keep their place in the code's range. Integer codes carry no derivative,
+    so differentiating through this is refused.
     """
     m, u = refuse_derivative(m), refuse_derivative(u)
     shape = u_like.shape
     bs = u_like.block_size
+    # The codec works in float32 whatever the compute dtype: a float64 value (x64)
+    # would reach the bit patterns below as two int32 words per element.
     decay = b2.astype(jnp.float32)
+    floor = jnp.asarray(floor, jnp.float32)
     # Everything below works on rows of one block each; for a leaf whose size is a
     # multiple of the block size the reshapes are free.
     ub = _to_blocks(u.astype(jnp.float32), bs)
@@ -462,6 +500,8 @@ def write(
         need = _abs_block_max(gb) + floor
     # A block that the step did not touch at all keeps its scale and codes exactly.
     decay_b = decay if tb is None else jnp.where(jnp.any(tb, axis=1), decay, 1.0)
+    if u_decay is not None:
+        decay_b = decay_b * _per_block(u_decay.astype(jnp.float32), shape, bs)
     s_dec = u_like.scales * decay_b
     reset = ~(need <= s_dec * _U_TOP)  # also where need is NaN: the NaN shows in the scale
     # maximum (not need alone) carries a NaN scale forward, so a poisoned block stays
@@ -493,6 +533,6 @@ def write(
     codes_m = encode_m_code(y, theta)
 
     return (
-        QuantizedM(_from_blocks(codes_m, shape), r_max),
+        QuantizedM(_from_blocks(codes_m, shape), r_max, m_like.param_dtype),
         QuantizedU(_from_blocks(codes_u, shape), scales, bs),
     )

@@ -44,6 +44,14 @@ def write(value: jax.Array, like: Any, moment: Moment, *, step: jax.Array) -> An
     bits = dither.dither_bits(tuple(value.shape), step, dither.SALTS[moment])
     # The rounding works on bit patterns; straight_through (below) supplies its derivative.
     x = jax.lax.stop_gradient(value).astype(jnp.float32)
+    if _narrow_range(dtype):
+        # A finite moment beyond float16's largest value (65504) saturates instead
+        # of becoming infinite: an infinite u would make every later step 0, an
+        # infinite m every later step NaN. m is then kept within R_t u (write_pair),
+        # so the step keeps its bound and direction. Infinities from non-finite
+        # gradients stay infinite, visibly.
+        top = float(jnp.finfo(dtype).max)
+        x = jnp.where(jnp.isinf(x), x, jnp.clip(x, -top, top))
     if dtype == jnp.bfloat16:
         stored = _dithered_round_bf16(x, bits)
     else:
