@@ -366,12 +366,14 @@ def encode_m_code(y: jax.Array, theta: jax.Array | float) -> jax.Array:
     bits = jax.lax.bitcast_convert_type(x, jnp.int32)
     log = bits.astype(jnp.float32) * 2.0**-_M_LOG_SHIFT - _M_LOG_OFFSET
     t = jnp.where(x >= _M_LIN_MIN, lin, jnp.where(x >= _M_LOG_MIN, log, x * (1 / _M_LOG_MIN)))
-    k = jnp.floor(t + theta)
-    # The sign of y onto the magnitude's code (its bit pattern; a code is a float32
-    # integer here), then the conversion.
+    # The sign of y onto the position (its bit pattern) before the rounding, not onto
+    # the code after it: the rounding then goes up on the signed axis where theta is
+    # large, whatever the sign. Rounding the magnitude instead makes the error of the
+    # value sign(y) times a function of theta, so an m whose sign oscillates in step
+    # with the dither's sequence gets a bias that lasts (see the module docstring).
     sign = jax.lax.bitcast_convert_type(y, jnp.int32) & jnp.int32(-(2**31))
-    k = jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(k, jnp.int32) | sign, jnp.float32)
-    return k.astype(_M_CODE_DTYPE)
+    t = jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(t, jnp.int32) | sign, jnp.float32)
+    return jnp.floor(t + theta).astype(_M_CODE_DTYPE)
 
 
 # --- read and write both moments -------------------------------------------------------
