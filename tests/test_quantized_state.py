@@ -168,6 +168,30 @@ def test_m_code_rounds_between_its_neighbours_without_bias():
         np.testing.assert_array_equal(again, np.arange(-127, 128))
 
 
+def test_m_code_rounds_on_the_signed_axis_so_its_error_keeps_no_sign():
+    """The threshold rounds the value up (towards +inf) whatever its sign, so the
+    error is a function of the threshold and the position alone. Rounded in
+    magnitude, the error is sign(m) times that function, and an m whose sign follows
+    the dither's sequence is biased (by min(p, 1 - p) of a code step at position p):
+    the valley drift of 8-bit state on a tiled Rosenbrock (issue 19)."""
+    lo, hi = M_TABLE[40], M_TABLE[41]
+    for p in (0.1, 0.3, 0.5, 0.8):
+        a = np.float32(lo + p * (hi - lo))
+        theta = np.linspace(0, 1, 64, endpoint=False, dtype=np.float32) + np.float32(0.5 / 64)
+        for y, up in ((a, hi), (-a, -lo)):  # the code above y on the signed axis
+            got = decode_m(np.asarray(codes8.encode_m_code(jnp.full(theta.shape, y), theta)))
+            want = np.where(theta >= 1 - (y - (up - (hi - lo))) / (hi - lo), up, up - (hi - lo))
+            np.testing.assert_array_equal(got, want)
+    # One element over 4000 steps of the real dither sequence, m's sign set by it.
+    steps = jnp.arange(1, 4001)
+    theta = jax.vmap(lambda t: codes8.dither.dither((1,), t, codes8.dither.SALTS["m codes"]))(steps)
+    sign = np.where(np.asarray(theta[:, 0]) >= 0.5, 1.0, -1.0).astype(np.float32)
+    for p in (0.2, 0.5, 0.7):
+        y = sign * np.float32(lo + p * (hi - lo))
+        err = decode_m(np.asarray(codes8.encode_m_code(jnp.asarray(y), theta[:, 0]))) - y
+        assert abs(err.mean()) <= 0.01 * (hi - lo), p
+
+
 def test_decayed_codes_reencode_to_themselves():
     """decode -> times b2 -> encode against a scale times b2 gives the same code: no creep."""
     codes = jnp.arange(256, dtype=jnp.uint8)
@@ -422,7 +446,7 @@ def test_8bit_steps_after_a_spike_keep_relative_precision(after_spike):
 def test_8bit_trajectories_after_a_spike_stay_near_float32(after_spike, i):
     """|p_8bit - p_f32| as a fraction of the path p_f32 walked (the ratio is free of the
     learning rate): the linear code drifted by a median 1.9-2.0 % and a 99th percentile
-    of 7.2-9.8 % (steps 300, 1000); the tapered code 1.2-1.4 % and 3.9-5.0 %."""
+    of 7.2-9.8 % (steps 300, 1000); the tapered code 1.3-1.4 % and 4.1-5.3 %."""
     _, drift = after_spike
     assert np.median(drift[i]) <= 0.017
     assert np.percentile(drift[i], 99) <= 0.06
