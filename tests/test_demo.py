@@ -160,3 +160,25 @@ def test_the_fallback_list_is_the_examples_extra():
         "optional-dependencies"
     ]["examples"]
     assert sorted(tour.EXAMPLES_EXTRA) == sorted(extra)
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data.startswith(PNG_MAGIC)
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_overlapping_loss_curves_get_a_ratio_panel(tmp_path):
+    from adamax_jax.demo import plots
+    from adamax_jax.demo.digits import TrainResult
+
+    def result(name, losses):
+        return TrainResult(name, np.asarray(losses), 0.1, 0.1, 0.9, 1.0, 1.0)
+
+    steps = np.arange(1, 101)
+    base = 2.0 / steps
+    apart = [result("a", base), result("b", 0.3 * base)]  # 70% apart: no panel
+    close = [*apart, result("c", 1.02 * base)]  # within 2% of "a": a ratio panel
+    # The panel makes the figure taller: 8 x 5 inches at 100 dpi, 8 x 6.5 with it.
+    assert _png_size(plots.plot_loss_curves(apart, tmp_path / "apart.png")) == (800, 500)
+    assert _png_size(plots.plot_loss_curves(close, tmp_path / "close.png")) == (800, 650)
