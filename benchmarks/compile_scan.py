@@ -2,8 +2,8 @@
 
 Usage::
 
-    python benchmarks/compile_scan.py                  # 8 layers, 3 rounds: about 5 minutes
-    python benchmarks/compile_scan.py --layers 16      # the docs' table: about 12 minutes
+    python benchmarks/compile_scan.py                  # 8 layers, 3 rounds: about 3 minutes
+    python benchmarks/compile_scan.py --layers 16      # the docs' table: about 6 minutes
 
 JAX compiles an optimizer step leaf by leaf, so a model's compile time grows with
 its number of parameter leaves, and 8-bit state's leaves compile slower than float32
