@@ -106,7 +106,7 @@ def plot_two_variables(
         if np.linalg.norm(path[step] - labelled) > 0.2:
             ax.annotate(
                 f"step {step}",
-                path[step],
+                (float(path[step, 0]), float(path[step, 1])),
                 xytext=(6, 2),
                 textcoords="offset points",
                 fontsize=8,
