@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +24,11 @@ pytest.importorskip("matplotlib")
 
 import adamax_jax
 from adamax_jax import demo
+from adamax_jax.demo import tour
 from tests._reference import adamax_trajectory
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _python(*args: str) -> subprocess.CompletedProcess[str]:
@@ -105,14 +110,75 @@ def test_importing_the_library_does_not_import_the_demo():
     assert proc.stdout.strip() == "[]"
 
 
-def test_missing_extra_names_the_module_and_both_install_lines(tmp_path):
+def _demo_without_flax(out: Path, cwd: Path, pythonpath: Path) -> subprocess.CompletedProcess[str]:
     # `sys.modules["flax"] = None` makes `import flax` raise ImportError, as if absent.
-    proc = _python(
-        "-c",
+    code = (
         "import sys; sys.modules['flax'] = None; from adamax_jax.demo import main; "
-        f"main(['--out', {str(tmp_path)!r}])",
+        f"main(['--out', {str(out)!r}])"
     )
+    env = {**os.environ, "PYTHONPATH": str(pythonpath)}
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, cwd=cwd
+    )
+
+
+def test_missing_extra_in_a_checkout_gives_the_editable_install_from_its_root(tmp_path):
+    root = Path(adamax_jax.__file__).resolve().parents[1]
+    proc = _demo_without_flax(tmp_path / "out", cwd=tmp_path, pythonpath=root)
     assert proc.returncode == 1, proc.stderr
     assert "flax is missing" in proc.stderr
-    assert 'pip install "adamax_jax[examples]"' in proc.stderr
-    assert 'pip install -e ".[examples]"' in proc.stderr
+    # The one command that works here: the extra of this checkout, from its root.
+    assert f'cd {root} && pip install -e ".[examples]"' in proc.stderr
+    # Not the index form: adamax_jax is on no package index.
+    assert '"adamax_jax[examples]"' not in proc.stderr
+
+
+def test_missing_extra_outside_a_checkout_names_the_extras_packages(tmp_path):
+    # The package alone, without the repository around it, is what a wheel installs.
+    site = tmp_path / "site"
+    shutil.copytree(
+        Path(adamax_jax.__file__).resolve().parent,
+        site / "adamax_jax",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    proc = _demo_without_flax(tmp_path / "out", cwd=tmp_path, pythonpath=site)
+    assert proc.returncode == 1, proc.stderr
+    assert "flax is missing" in proc.stderr
+    assert "pip install -e" not in proc.stderr
+    assert '"adamax_jax[examples]"' not in proc.stderr
+    # Every package of pyproject.toml's `examples` extra, with its version floor.
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]["examples"]
+    install = next(line for line in proc.stderr.splitlines() if 'pip install "' in line)
+    assert sorted(re.findall(r'"([^"]+)"', install)) == sorted(extra)
+    assert ".whl[examples]" in proc.stderr
+
+
+def test_the_fallback_list_is_the_examples_extra():
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]["examples"]
+    assert sorted(tour.EXAMPLES_EXTRA) == sorted(extra)
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data.startswith(PNG_MAGIC)
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_overlapping_loss_curves_get_a_ratio_panel(tmp_path):
+    from adamax_jax.demo import plots
+    from adamax_jax.demo.digits import TrainResult
+
+    def result(name, losses):
+        return TrainResult(name, np.asarray(losses), 0.1, 0.1, 0.9, 1.0, 1.0)
+
+    steps = np.arange(1, 101)
+    base = 2.0 / steps
+    apart = [result("a", base), result("b", 0.3 * base)]  # 70% apart: no panel
+    close = [*apart, result("c", 1.02 * base)]  # within 2% of "a": a ratio panel
+    # The panel makes the figure taller: 8 x 5 inches at 100 dpi, 8 x 6.5 with it.
+    assert _png_size(plots.plot_loss_curves(apart, tmp_path / "apart.png")) == (800, 500)
+    assert _png_size(plots.plot_loss_curves(close, tmp_path / "close.png")) == (800, 650)

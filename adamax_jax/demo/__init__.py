@@ -4,9 +4,9 @@ It solves the neuralthreads Adamax tutorial's two toy problems with :func:`adama
 checks the result against the tutorials' own NumPy loop), trains a small Flax NNX
 network on scikit-learn's bundled digits with ``adamax``, ``adamaxw``,
 ``optax.adam`` and ``optax.sgd``, prints the results as tables and writes PNG plots.
-Nothing is downloaded. It needs the ``examples`` extra::
+Nothing is downloaded. It needs the ``examples`` extra; from the repository's root::
 
-    pip install "adamax_jax[examples]"   # or, in a checkout: pip install -e ".[examples]"
+    pip install -e ".[examples]"
     python -m adamax_jax.demo
 
 Run ``python -m adamax_jax.demo --help`` for the options.

@@ -7,8 +7,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.metadata
+import json
 import pathlib
+import re
+import shlex
 import time
+import tomllib
+import urllib.parse
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -73,16 +79,79 @@ def digits_optimizers() -> dict[str, optax.GradientTransformation]:
     }
 
 
+# The `examples` extra of pyproject.toml, for when the installed metadata cannot be read.
+EXAMPLES_EXTRA = (
+    "flax>=0.10",
+    "dm-haiku>=0.0.13",
+    "scikit-learn>=1.4",
+    "matplotlib>=3.8",
+    "pillow>=10",
+)
+
+
+def _checkout_root() -> pathlib.Path | None:
+    """The repository root when adamax_jax runs from a checkout (editable or not)."""
+    root = pathlib.Path(ax.__file__).resolve().parents[1]
+    try:
+        project = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    return root if project.get("project", {}).get("name") == "adamax_jax" else None
+
+
+def _examples_requirements() -> list[str]:
+    """The `examples` extra's requirements, from the installed package's metadata."""
+    try:
+        requires = importlib.metadata.requires("adamax_jax") or []
+    except importlib.metadata.PackageNotFoundError:
+        return list(EXAMPLES_EXTRA)
+    extra = re.compile(r"""extra\s*==\s*["']examples["']""")
+    found = [r.split(";")[0].strip() for r in requires if extra.search(r)]
+    return found or list(EXAMPLES_EXTRA)
+
+
+def _installed_wheel() -> str | None:
+    """The wheel file adamax_jax was installed from, where pip recorded one that still exists."""
+    try:
+        direct = importlib.metadata.distribution("adamax_jax").read_text("direct_url.json")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    if not direct:
+        return None
+    url = json.loads(direct).get("url", "")
+    if not url.startswith("file://") or not url.endswith(".whl"):
+        return None
+    path = pathlib.Path(urllib.parse.unquote(urllib.parse.urlparse(url).path))
+    return str(path) if path.is_file() else None
+
+
 def missing_extra_message(module: str | None) -> str:
     """What to install when the demo's optional dependencies are missing.
 
-    Most users have a wheel, where ``-e .`` means nothing; a checkout gets its own line.
+    The command depends on where adamax_jax runs from. In a checkout, the editable
+    install of the ``examples`` extra, from the repository root. From an installed
+    wheel, the extra's packages themselves (adamax_jax is not on a package index, so
+    ``pip install "adamax_jax[examples]"`` would find nothing), or the wheel again
+    with the extra, when pip recorded the wheel's file.
     """
+    head = f"the demo needs the 'examples' extra ({module or 'a dependency'} is missing)"
+    root = _checkout_root()
+    if root is not None:
+        return (
+            f"{head}. adamax_jax runs from the checkout at {root}; install the extra there:\n"
+            f'    cd {shlex.quote(str(root))} && pip install -e ".[examples]"'
+        )
+    packages = " ".join(f'"{r}"' for r in _examples_requirements())
+    wheel = _installed_wheel()
+    again = (
+        f'    pip install "{wheel}[examples]"'
+        if wheel
+        else '    pip install "path/to/adamax_jax-<version>-py3-none-any.whl[examples]"'
+    )
     return (
-        f"the demo needs the 'examples' extra ({module or 'a dependency'} is missing):\n"
-        '    pip install "adamax_jax[examples]"\n'
-        "or, in a checkout of the repository:\n"
-        '    pip install -e ".[examples]"'
+        f"{head}. Install the extra's packages:\n"
+        f"    pip install {packages}\n"
+        f"or install the adamax_jax wheel again, with the extra:\n{again}"
     )
 
 
