@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
@@ -155,10 +156,11 @@ def scale_by_adamax(
           a zero gradient, without moving), so the state stays dense Adamax's.
 
         Decoupled weight decay chained after this transform (``adamaxw``) still
-        acts on every row, as in Keras. With ``lazy_rows=True`` and
-        ``state_bits=8`` an untouched row that shares a block with touched rows
-        decays its stored ``u`` and ``m`` with the block's scale, which keeps its
-        ratio ``m / u`` (its next step).
+        acts on every row, as in Keras. ``lazy_rows=True`` with ``state_bits=8``
+        needs rows that fill whole blocks (a ``block_size`` dividing the row
+        length): a frozen row sharing a block's scale with touched rows would
+        decay with them, so ``init`` refuses that; ``"catch_up"`` has no such
+        limit.
       skip_nonfinite: Leave elements whose gradient is NaN or infinite untouched:
         their ``m`` and ``u`` keep their values and this transform's update is
         zero there (decoupled weight decay chained after it still applies), while
@@ -241,6 +243,7 @@ def scale_by_adamax(
 
     def init_fn(params: optax.Params) -> AdamaxState:
         _validation.check_float_leaves(params, "parameter")
+        options.check_freeze_blocks(params)
         if options.lazy_rows is not None and _packed.packs_leaves(params):
             raise _validation.UnsupportedCombination(
                 f"lazy_rows={lazy_rows!r} cannot run inside packed(): a row is a slice "
@@ -348,6 +351,32 @@ class _Options:
         dtype = _storage.real_dtype(_leaves.dtype_of(p)) if self.u_dtype is None else self.u_dtype
         u = _storage.zeros(p, dtype, "u", state_bits=self.state_bits, block_size=self.block_size)
         return _lazy.zeros(p, u) if self.lazy_rows == "catch_up" else u
+
+    def check_freeze_blocks(self, params: Any) -> None:
+        """Refuses ``lazy_rows="freeze"`` where 8-bit blocks span several rows.
+
+        A block's scale carries the decay of all its elements, so a frozen row that
+        shares a block with a touched one would decay with it: neither frozen nor
+        dense Adamax. ``"catch_up"`` handles such rows exactly, in groups.
+        """
+        if self.lazy_rows != "freeze" or self.state_bits is None:
+            return
+        for path, p in jax.tree_util.tree_leaves_with_path(params, is_leaf=_wrapped.is_wrapped):
+            p = _wrapped.unwrap(p)
+            if not _storage.codes8.quantizable(p):
+                continue
+            shape = _leaves.shape_of(p)
+            row = math.prod(shape[1:])
+            block = _storage.codes8.leaf_block_size(self.block_size, shape)
+            if row % block:
+                raise _validation.UnsupportedCombination(
+                    f"lazy_rows=True (freeze) with state_bits={self.state_bits}: the rows "
+                    f"of parameter {_leaves.path_str(path)} ({row} elements each) share "
+                    f"blocks of block_size={block}, whose scale would decay a frozen row "
+                    'with its touched neighbours. Use lazy_rows="catch_up" (touched rows '
+                    "then step exactly like dense Adamax), or a block_size that divides "
+                    f"the row length (block_size={row & -row} here)"
+                )
 
     def check_leaf_state(self, where: str, g: jax.Array, m: Any, u: Any) -> None:
         """Raises ValueError where a leaf's state was not made by this optimizer's init."""

@@ -22,7 +22,13 @@ FORMS = {
     "float32": {},
     "bf16": {"m_dtype": jnp.bfloat16, "u_dtype": jnp.bfloat16},
     "8-bit": {"state_bits": 8},
-    "8-bit lazy skip": {"state_bits": 8, "lazy_rows": True, "skip_nonfinite": True},
+    # Rows of 64 elements: freeze needs blocks that fit in them.
+    "8-bit lazy skip": {
+        "state_bits": 8,
+        "block_size": 64,
+        "lazy_rows": True,
+        "skip_nonfinite": True,
+    },
 }
 
 

@@ -242,7 +242,9 @@ def test_catch_up_with_8bit_state(shape, rows_per_stamp):
     assert _lazy.group_rows(shape, state.u.moment) == rows_per_stamp
     assert state.u.last_step.shape == (math.ceil(shape[0] / rows_per_stamp),)
     update = jax.jit(tx.update)
-    freeze = ax.scale_by_adamax(B1, b2, lazy_rows=True, state_bits=8)
+    # freeze needs blocks inside rows: the largest power of two dividing a row.
+    row = math.prod(shape[1:])
+    freeze = ax.scale_by_adamax(B1, b2, lazy_rows=True, state_bits=8, block_size=row & -row)
     freeze_state, freeze_update = freeze.init(jnp.zeros(shape)), jax.jit(freeze.update)
     m = u = np.zeros(shape)
     errors, freeze_errors = [], []
@@ -404,3 +406,14 @@ def test_state_sharding_lays_the_stamps_out_like_axis_0(axis_type, zero_axis):
         assert leaf.sharding.is_equivalent_to(sh, leaf.ndim)
     for a, b in zip(jax.tree.leaves((params, state)), jax.tree.leaves((ref_p, ref_s)), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("shape", [(512, 16), (80, 100), (8192,)])
+def test_freeze_with_8bit_blocks_across_rows_is_refused(shape):
+    # A frozen row sharing a block's scale with touched rows would decay with them.
+    with pytest.raises(ValueError, match=r"lazy_rows=True \(freeze\).*catch_up.*block_size"):
+        ax.adamax(lazy_rows=True, state_bits=8).init({"table": jnp.zeros(shape)})
+    # What the message offers instead works.
+    ax.adamax(lazy_rows="catch_up", state_bits=8).init({"table": jnp.zeros(shape)})
+    row = math.prod(shape[1:])
+    ax.adamax(lazy_rows=True, state_bits=8, block_size=row & -row).init({"t": jnp.zeros(shape)})

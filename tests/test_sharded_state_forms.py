@@ -48,8 +48,9 @@ FORMS: dict[str, Callable[[], optax.GradientTransformation]] = {
     "lazy_rows=catch_up": lambda: ax.adamax(0.01, lazy_rows="catch_up"),
     "8bit+catch_up+nesterov": lambda: ax.nadamax(0.01, state_bits=8, lazy_rows="catch_up"),
     "packed": lambda: ax.packed(ax.adamax(0.01)),
+    # freeze with 8-bit state needs blocks that fit in the rows.
     "8bit+nesterov+lazy+skip": lambda: ax.nadamax(
-        0.01, state_bits=8, lazy_rows=True, skip_nonfinite=True
+        0.01, state_bits=8, block_size=128, lazy_rows=True, skip_nonfinite=True
     ),
     "bf16+lazy+skip": lambda: ax.adamax(
         0.01, m_dtype=jnp.bfloat16, u_dtype=jnp.bfloat16, lazy_rows=True, skip_nonfinite=True
