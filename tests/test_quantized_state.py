@@ -775,3 +775,28 @@ def test_a_block_larger_than_the_leaf_is_the_leaf():
     # A leaf between two powers of two gets the next one up: under 2x padding.
     state = ax.scale_by_adamax(state_bits=8, block_size=65536).init(jnp.zeros(5000))
     assert state.u.block_size == 8192
+
+
+def test_an_element_below_the_code_range_follows_its_new_gradients():
+    # One element 1e-6 of its block's largest u, below the u code's range (4.5
+    # decades), so its u is rounded up to the smallest code, 30x too large. Its m must
+    # not be scaled up with it: then the next gradients, of the other sign, would be
+    # outweighed by that m for about 30 steps (float32 state turns within 3).
+    n = 4096
+    big = jnp.zeros(n).at[0].set(1e4)
+
+    def run(**kw):
+        opt = ax.scale_by_adamax(B1, B2, **kw)
+        state = opt.init(jnp.zeros(n))
+        out = []
+        for g in [-1e-2] + [1e-2] * 8:
+            d, state = opt.update(big.at[1].set(g), state)
+            out.append(float(d[1]))
+        return np.asarray(out)
+
+    exact, coded = run(), run(state_bits=8)
+    turned = exact > 0
+    assert turned[3:].all()
+    np.testing.assert_array_equal(np.sign(coded[turned]), 1.0)
+    # Its steps shrink (its u is too large), never grow.
+    assert np.all(np.abs(coded) <= np.abs(exact) * 1.001)

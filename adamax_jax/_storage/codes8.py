@@ -63,6 +63,14 @@ keeps :math:`|\hat m_t / u_t| \le R_t / (1-\beta_1^t)`, the bound of float32 sta
 however ``u`` was rounded. :math:`R_t` is stored with the leaf (one float32), so a
 scheduled ``b1``/``b2`` cannot misread old codes.
 
+One exception: a ``u`` below the code's range (more than 4.5 decades under its
+block's largest) is rounded up to the smallest nonzero code, possibly many times
+too large, and there the ratio is taken against that code instead. Against the
+``u`` itself, ``m`` would be read back scaled up as far, and its old direction would
+outweigh the element's new gradients for as many steps as that factor takes to
+decay (30 steps for 30x). Against the code, ``m`` is read back as it is, stays
+within its bound, and only the element's steps shrink, by ``u`` over the code.
+
 The magnitudes have two parts, because the step needs two kinds of precision:
 
 * codes 15-127: linear from :math:`2^{-6}` to 1 in steps of 9/1024 (1/114 of the
@@ -529,8 +537,13 @@ def write(
     scales = jnp.where(reset, jnp.maximum(need, s_dec), s_dec)
     inv = jnp.where(scales > 0, 1.0 / jnp.where(scales > 0, scales, 1.0), 0.0)
     codes_u = encode_u_code(ub * inv[:, None])
-    # The u that m's code is taken against (below): the u this step computed.
-    u_ref = ub
+    # The u that m's code is taken against (below): the u this step computed, or the
+    # smallest nonzero code where u lies below the code's range and was rounded up to
+    # it. Against the u itself, m would be read back scaled up with u (as far as
+    # 4x measured), and new gradients would be outweighed by that inflated m for
+    # several steps; against the code, m is read back as it is and only the step
+    # shrinks, by u / code.
+    u_ref = jnp.maximum(ub, _LINEAR_UNIT * scales[:, None])
     if tb is not None:
         # Untouched elements keep their u code, which now decays with the block's
         # scale; their m code is rewritten against that decayed u, so m keeps its value.
