@@ -20,6 +20,7 @@ The package, a module for each stored form and one for what they share:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -71,6 +72,11 @@ def zeros(
         # same value in both branches, ties the layouts together at no cost per step.
         same = param == param
         z = jax.tree.map(lambda a: jnp.where(same, a, a) if a.shape == param.shape else a, z)
+        if isinstance(z, codes8.QuantizedU):
+            # The block scales follow the gradients from the first update on: inside
+            # shard_map they vary over the shards' axes. Their zeros must too, or
+            # lax.cond (optax.MultiSteps, apply_if_finite) sees two types of state.
+            z = dataclasses.replace(z, scales=jnp.where(jnp.all(same), z.scales, z.scales))
     return z
 
 
