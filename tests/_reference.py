@@ -80,7 +80,8 @@ def adamax_update(
     new_m, new_u = np.where(finite, new_m, m), np.where(finite, new_u, u)
     stepping = finite
     if rows is not None:
-        touched = np.reshape(np.asarray(rows, bool), (-1,) + (1,) * (params.ndim - 1))
+        # One flag per row along axis 0; a 0-d leaf is one row.
+        touched = np.reshape(np.asarray(rows, bool), params.shape[:1] + (1,) * (params.ndim - 1))
         stepping = stepping & touched
         if lazy == "freeze":
             new_m, new_u = np.where(touched, new_m, m), np.where(touched, new_u, u)

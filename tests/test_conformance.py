@@ -531,7 +531,7 @@ def _run_shard_map(case, opt, params, grads):
     with jax.set_mesh(mesh):
         place = lambda tree, sp: {
             k: jax.device_put(v, NamedSharding(mesh, sp[k])) for k, v in tree.items()
-        }  # noqa: E731
+        }
         upd = run(place(params, specs), place(grads, seq_specs))
     return upd, None, None
 
@@ -663,7 +663,6 @@ def test_the_pairwise_cases_cover_every_pair_that_can_run() -> None:
 
 
 if __name__ == "__main__":  # error statistics of every case, for the documentation
-    import os
     import sys
     import time
 
