@@ -68,16 +68,17 @@ def offload(transform: optax.GradientTransformation) -> optax.GradientTransforma
     directly. ``update`` copies the state to the device, runs
     ``transform.update`` there, and copies the new state back to host memory.
     Called inside the jitted training step, both copies are part of the one
-    compiled program, so the device holds the state only while the update runs,
-    not during the forward and backward passes, where activations set the peak.
+    compiled program. The state then takes no device memory between steps, and
+    none during the forward and backward passes, where activations set the peak,
+    unless XLA starts the copy early to hide it (below).
     The numbers are ``transform``'s own: the copies move bits and change none
     (tested bit for bit against the unwrapped optimizer for float32, bfloat16 and
     8-bit Adamax state, ``lazy_rows="catch_up"``, :func:`adamax_jax.packed`,
     ``optax.adam`` and ``optax.inject_hyperparams``).
 
-    The state is ``transform``'s own state, the same tree and types: a
-    checkpoint of it restores into the unwrapped optimizer and back, and no new
-    node type appears. Where each leaf lives is a property of the arrays, so
+    The state is ``transform``'s own state, the same tree and types (no new
+    node type), so a checkpoint of it loads into the offloaded or the unwrapped
+    optimizer alike. Where each leaf lives is a property of the arrays, so
     :func:`adamax_jax.sharding.state_sharding` finds it by tracing ``init``:
     every leaf that ``offload`` placed on the host gets a host-memory sharding,
     also when the offloaded transform sits inside ``optax.chain`` or another
@@ -114,15 +115,16 @@ def offload(transform: optax.GradientTransformation) -> optax.GradientTransforma
     see the how-to page "Optimizer state in host memory" for what is safe.
 
     **Composing.** ``offload`` wraps any transformation: a chain, a wrapper
-    such as ``optax.inject_hyperparams``, ``optax.MultiSteps`` or
-    ``optax.apply_if_finite``, or :func:`adamax_jax.packed`. Put it outermost
-    (``offload(optax.MultiSteps(...))``), so that all computation on the state
-    happens on the device. ``optax.chain(..., offload(tx), ...)`` works too:
-    the chain only passes the state through. A wrapper outside ``offload``
-    that computes on the state itself (``optax.MultiSteps``' and
-    ``apply_if_finite``'s selects between old and new state) runs that
-    computation on host-memory arrays: it works on CPU, and on GPU and TPU
-    it is not tested here.
+    such as ``optax.inject_hyperparams`` or ``optax.apply_if_finite``,
+    :func:`adamax_jax.packed`, or ``optax.MultiSteps(...).gradient_transformation()``
+    (its gradient accumulator then lives on the host too). Put it outermost,
+    so that everything that computes on the state runs on the device.
+    ``optax.chain(..., offload(tx), ...)`` works as well, since the chain only
+    passes the state through. A wrapper outside ``offload`` that computes on
+    the state itself sees host-memory arrays: ``optax.MultiSteps(offload(tx))``
+    is refused by its ``lax.cond`` (the branches' states end up in different
+    memories), and ``optax.apply_if_finite(offload(tx))`` works on CPU, where
+    host and device memory are the same RAM, and is not tested on GPU or TPU.
 
     Args:
       transform: The optax transformation whose state to keep in host memory:
