@@ -7,6 +7,7 @@ from adamax_jax import (
 )
 from adamax_jax._alias import adamax, adamaxw, nadamax
 from adamax_jax._lazy import StampedRows
+from adamax_jax._offload import offload
 from adamax_jax._packed import PackedTree, packed
 from adamax_jax._storage.codes8 import QuantizedM, QuantizedU
 from adamax_jax._transform import AdamaxState, EpsPlacement, scale_by_adamax
@@ -25,6 +26,7 @@ __all__ = [
     "adamaxw",
     "compat",
     "nadamax",
+    "offload",
     "packed",
     "scale_by_adamax",
     "sharding",

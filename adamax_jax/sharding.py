@@ -6,6 +6,9 @@ program's meaning whatever the layout. This module computes two useful layouts a
 trees of :class:`jax.sharding.NamedSharding`, to pass as ``out_shardings`` to a
 jitted ``init`` and training step.
 
+State kept in host memory by :func:`adamax_jax.offload` gets the same layouts in
+``pinned_host`` memory.
+
 Inside ``shard_map`` each device instead runs the transform on its own shard.
 Adamax's maths is elementwise, so that equals the full-array update, except where
 an option looks beyond one element: ``lazy_rows`` tests only the part of a row a
@@ -77,6 +80,15 @@ def state_sharding(
       as above; a flat buffer of small leaves belongs to no single parameter, so
       it is replicated, or with ``zero_axis`` split along it when the axis size
       divides the buffer's length.
+
+    * State that ``opt.init`` puts in host memory, as :func:`adamax_jax.offload`
+      does, gets the same layouts with memory kind ``"pinned_host"``, so a jitted
+      ``init`` creates it in host memory and the training step keeps it there.
+      This is read off the traced ``init`` leaf by leaf (the memory space in each
+      result's type), not off the transformation, so it holds wherever the
+      offloaded transformation sits: inside ``optax.chain``, under
+      ``optax.inject_hyperparams``, around a whole chain. Other leaves keep the
+      default (device) memory.
 
     On a mesh with Explicit axes (``jax.make_mesh``'s default) the optimizer's
     step needs no further help: it returns the update in the gradient's layout
@@ -176,8 +188,10 @@ def state_sharding(
 
         return jax.tree.map(leaf_sharding, piece)
 
-    state_shapes = jax.eval_shape(opt.init, params)
-    return optax.tree_utils.tree_map_params(
+    # Traced rather than jax.eval_shape'd: the jaxpr's output types also say which
+    # memory each leaf is put in (host memory for the state of ax.offload).
+    traced, state_shapes = jax.make_jaxpr(opt.init, return_shape=True)(params)
+    shardings = optax.tree_utils.tree_map_params(
         opt,
         lambda subtree: _map_pieces(piece_sharding, subtree, layouts),
         state_shapes,
@@ -185,6 +199,21 @@ def state_sharding(
         is_leaf=lambda _: True,
         transform_non_params=lambda subtree: jax.tree.map(other_leaf, subtree),
     )
+    # One sharding per state leaf, in the order of the jaxpr's outputs.
+    leaves, treedef = jax.tree.flatten(shardings)
+    return treedef.unflatten(
+        [
+            sharding if kind is None else sharding.with_memory_kind(kind)
+            for sharding, kind in zip(leaves, map(_memory_kind, traced.out_avals), strict=True)
+        ]
+    )
+
+
+def _memory_kind(aval: Any) -> str | None:
+    """The memory kind ``init`` puts a state leaf in: ``"pinned_host"`` or None (the default)."""
+    if getattr(aval, "memory_space", None) == jax.memory.Space.Host:
+        return "pinned_host"
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
