@@ -211,6 +211,7 @@ def scale_by_adamax(
       Dozat, `Incorporating Nesterov Momentum into Adam
       <https://openreview.net/pdf?id=OM0jvwB8jIp57ZJjtNEZ>`_, ICLR workshop 2016.
     """
+    _validation.check_hyperparameter_dtypes({"b1": b1, "b2": b2, "eps": eps})
     _validation.check_range("b1", b1, low=0.0, high=1.0, high_inclusive=False)
     _validation.check_range("b2", b2, low=0.0, high=1.0)
     _validation.check_range("eps", eps, low=0.0, high=float("inf"), high_inclusive=False)

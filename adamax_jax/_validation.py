@@ -108,6 +108,28 @@ def check_range(
         )
 
 
+def check_hyperparameter_dtypes(values: dict[str, Any]) -> None:
+    """Raises TypeError for a hyperparameter array narrower than float32.
+
+    ``optax.inject_hyperparams`` gives every numeric hyperparameter the dtype of the
+    widest parameter, so a model held entirely in bfloat16 hands over ``b2=0.999``
+    already rounded to 1.0 (``u`` would never decay) and ``b1=0.9`` to 0.898. The
+    value is traced, but its dtype is known: refuse it and name the fix.
+    """
+    for name, value in values.items():
+        dtype = getattr(value, "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
+            continue
+        if jnp.finfo(dtype).nmant < jnp.finfo(jnp.float32).nmant:
+            raise TypeError(
+                f"{name} arrived as a {jnp.dtype(dtype).name} array, too narrow for "
+                "Adamax's hyperparameters (b2=0.999 rounds to 1.0 in bfloat16, b1=0.9 "
+                "to 0.898). "
+                "optax.inject_hyperparams gives them the parameters' dtype: pass "
+                "hyperparam_dtype=jnp.float32 to optax.inject_hyperparams"
+            )
+
+
 def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
     if value not in choices:
         options = ", ".join(repr(c) for c in choices)

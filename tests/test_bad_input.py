@@ -303,6 +303,22 @@ def test_a_state_of_another_configuration_is_refused_naming_both(name, jit):
         update(_BIG, state, _BIG)
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_hyperparameters_narrower_than_float32_are_refused_at_init(dtype):
+    # optax.inject_hyperparams gives hyperparameters the (widest) parameter dtype: in
+    # bfloat16, b2=0.999 is 1.0 and u would never decay.
+    params = {"w": jnp.zeros(3, dtype)}
+    tx = optax.inject_hyperparams(ax.adamax)(learning_rate=1e-3, b2=0.999)
+    with pytest.raises(TypeError, match=_msg("arrived as a", "hyperparam_dtype=jnp.float32")):
+        tx.init(params)
+    fixed = optax.inject_hyperparams(ax.adamax, hyperparam_dtype=jnp.float32)(
+        learning_rate=1e-3, b2=0.999
+    )
+    state = fixed.init(params)
+    assert state.hyperparams["b2"] == np.float32(0.999)
+    fixed.update(params, state, params)
+
+
 def test_traced_hyperparameters_pass_unchecked_into_inject_hyperparams():
     """Under jit the values cannot be inspected; the constructor must not choke."""
     tx = optax.inject_hyperparams(ax.adamax)(learning_rate=0.1, b1=0.9)
