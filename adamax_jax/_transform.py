@@ -270,7 +270,6 @@ def scale_by_adamax(
     def update_fn(
         updates: optax.Updates, state: optax.OptState, params: optax.Params | None = None
     ) -> tuple[optax.Updates, AdamaxState]:
-        del params
         if not isinstance(state, AdamaxState):
             raise TypeError(
                 "expected the state to be an AdamaxState, got "
@@ -290,16 +289,19 @@ def scale_by_adamax(
         paths_and_slots = jax.tree_util.tree_leaves_with_path(updates, is_leaf=_wrapped.is_wrapped)
         m_leaves = _validation.flatten_like(updates, state.m, "state.m")
         u_leaves = _validation.flatten_like(updates, state.u, "state.u")
+        param_dtypes = _param_dtypes(treedef, params)
         count = jnp.asarray(optax.safe_increment(state.count))  # saturates at int32 max
         # The step's scalars, once per real dtype rather than once per leaf.
         scalars: dict[jnp.dtype, _Scalars] = {}
 
         new_updates, new_m, new_u = [], [], []
-        for (path, slot), m_slot, u_slot in zip(paths_and_slots, m_leaves, u_leaves, strict=True):
+        for (path, slot), m_slot, u_slot, p_dtype in zip(
+            paths_and_slots, m_leaves, u_leaves, param_dtypes, strict=True
+        ):
             where = f"gradient {_leaves.path_str(path)}"
             g = jnp.asarray(_wrapped.unwrap(slot))  # a leaf may be a Python float
             m_s, u_s = _wrapped.unwrap(m_slot), _wrapped.unwrap(u_slot)
-            options.check_leaf_state(where, g, m_s, u_s)
+            options.check_leaf_state(where, g, m_s, u_s, p_dtype)
             rdt = _storage.real_dtype(_storage.compute_dtype(g.dtype, m_s.dtype, u_s.dtype))
             if rdt not in scalars:
                 scalars[rdt] = _Scalars.at(count, b1, b2, eps, rdt, options)
@@ -379,8 +381,14 @@ class _Options:
                     f"the row length (block_size={row & -row} here)"
                 )
 
-    def check_leaf_state(self, where: str, g: jax.Array, m: Any, u: Any) -> None:
-        """Raises ValueError where a leaf's state was not made by this optimizer's init."""
+    def check_leaf_state(
+        self, where: str, g: jax.Array, m: Any, u: Any, param_dtype: Any = None
+    ) -> None:
+        """Raises ValueError where a leaf's state was not made by this optimizer's init.
+
+        ``param_dtype`` (None when ``update`` was not given the parameters) is what a
+        moment without a storage dtype of its own has.
+        """
         if tuple(g.shape) != tuple(m.shape) or tuple(g.shape) != tuple(u.shape):
             raise ValueError(
                 f"{where} has shape {tuple(g.shape)} but its moments have "
@@ -402,13 +410,18 @@ class _Options:
             same = u.block_size == _storage.codes8.leaf_block_size(self.block_size, g.shape)
         else:
             # With m_dtype/u_dtype None a moment has its parameter's dtype, which the
-            # gradient need not share (float32 gradients of bfloat16 parameters).
+            # gradient need not share (float32 gradients of bfloat16 parameters): it
+            # is checked where update is given the parameters.
             want_m, want_u = self.plain_m_dtype(g.dtype), self.u_dtype
+            if param_dtype is not None:
+                want_m = want_m or param_dtype
+                want_u = want_u or _storage.real_dtype(param_dtype)
             same = (want_m is None or m.dtype == want_m) and (want_u is None or u.dtype == want_u)
         if not same:
             raise ValueError(
                 f"the state of {where} was made by an optimizer with "
-                f"{_storage.describe(m, u)}, but this optimizer has {self.describe_state()}; "
+                f"{_storage.describe(m, u)}, but this optimizer has "
+                f"{self.describe_state(param_dtype)}; "
                 "make the state with init of this optimizer (restore a checkpoint onto "
                 "jax.eval_shape(opt.init, params))"
             )
@@ -431,11 +444,12 @@ class _Options:
             return jnp.promote_types(grad_dtype, u.dtype)
         return jnp.dtype(grad_dtype)
 
-    def describe_state(self) -> str:
+    def describe_state(self, param_dtype: Any = None) -> str:
         """This optimizer's state options, as an error message shows them."""
         if self.state_bits is not None:
             return f"state_bits={self.state_bits}, block_size={self.block_size}"
-        show = lambda d: "None" if d is None else repr(jnp.dtype(d).name)
+        own = "" if param_dtype is None else f" (the parameter's {jnp.dtype(param_dtype).name})"
+        show = lambda d: f"None{own}" if d is None else repr(jnp.dtype(d).name)
         return f"state_bits=None, m_dtype={show(self.m_dtype)}, u_dtype={show(self.u_dtype)}"
 
 
@@ -604,6 +618,27 @@ class _Keep:
             if where is not None:
                 upd = jnp.where(where, upd, 0)
         return upd
+
+
+def _param_dtypes(treedef: Any, params: Any) -> list[jnp.dtype | None]:
+    """Each parameter leaf's dtype, in the gradients' order; None for each where the
+    parameters are not given or not shaped like the gradients (``optax.masked`` hands
+    over masked-out nodes, ``packed()`` its buffers)."""
+    leaves = None
+    if params is not None:
+        try:
+            leaves = treedef.flatten_up_to(params)
+        except (ValueError, TypeError):
+            leaves = None
+    if leaves is None:
+        return [None] * treedef.num_leaves
+    out = []
+    for leaf in leaves:
+        leaf = _wrapped.unwrap(leaf)
+        dtype = getattr(leaf, "dtype", None)
+        real = dtype is not None and jnp.issubdtype(dtype, jnp.floating)
+        out.append(jnp.dtype(dtype) if real else None)  # complex: m's dtype differs
+    return out
 
 
 def _is_traced(*trees: Any) -> bool:

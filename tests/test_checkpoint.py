@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -290,6 +291,26 @@ def test_restoring_into_another_configuration_raises(tmp_path, name):
     # orbax compares the target's tree and shapes with what is on disk.
     with pytest.raises(ValueError, match=r"(?i)mismatch|do not match|not compatible|shape"):
         _restore(tmp_path / "ckpt", _abstract(new_params, new_tx))
+
+
+@pytest.mark.parametrize(
+    ("saved", "used", "said"),
+    [
+        (dict(state_bits=8), {}, ("state_bits=8", "state_bits=None")),
+        (dict(m_dtype="bfloat16"), {}, ("m_dtype='bfloat16'", "m_dtype=None")),
+        (dict(state_bits=8, block_size=128), dict(state_bits=8), ("128", "256")),
+    ],
+    ids=["8bit-into-float32", "bf16-into-default", "other-block-size"],
+)
+def test_a_checkpoint_of_another_configuration_is_refused_at_update(tmp_path, saved, used, said):
+    # Restored onto its own configuration's target (as a training script that changed
+    # its optimizer would), then handed to the new optimizer: refused, naming both.
+    state = ax.adamax(1e-3, **saved).init(_BIG)
+    _save(tmp_path / "ckpt", {"params": _BIG, "opt_state": state})
+    restored = _restore(tmp_path / "ckpt", _abstract(_BIG, ax.adamax(1e-3, **saved)))
+    pattern = ".*".join(re.escape(x) for x in said)
+    with pytest.raises(ValueError, match=pattern):
+        ax.adamax(1e-3, **used).update(_BIG, restored["opt_state"], _BIG)
 
 
 @pytest.mark.parametrize("wrapped", [False, True])
