@@ -275,7 +275,8 @@ def leaf_block_size(block_size: int, shape: tuple[int, ...]) -> int:
     for a leaf smaller than one block the smallest power of two that holds it.
 
     Either way the leaf is one block, but a block far larger than the leaf would be
-    padded on every step (a 4096-element leaf in blocks of 32768 took 8x as long).
+    padded on every step (256 leaves of 4096 elements in blocks of 32768 stepped 4.4x
+    slower).
     """
     return min(block_size, 1 << (math.prod(shape) - 1).bit_length())
 
