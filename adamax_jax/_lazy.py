@@ -111,11 +111,15 @@ def group_rows(shape: tuple[int, ...], u_stored: Any) -> int:
 def zeros(param: Any, u_stored: Any) -> StampedRows:
     """``u_stored`` stamped with step 0 (never touched) for every row of ``param``."""
     shape = tuple(np.shape(param))
-    if not shape:
-        return StampedRows(u_stored, jnp.zeros([], jnp.int32))
-    n = -(-shape[0] // group_rows(shape, u_stored))
-    if n != shape[0] or not isinstance(param, jax.Array | Tracer):
-        return StampedRows(u_stored, jnp.zeros([n], jnp.int32))
+    n = -(-shape[0] // group_rows(shape, u_stored)) if shape else 0
+    if not shape or n != shape[0] or not isinstance(param, jax.Array | Tracer):
+        stamp = jnp.zeros([n] if shape else [], jnp.int32)
+        if isinstance(param, Tracer):
+            # The stamps follow the gradients from the first update on (inside
+            # shard_map they vary over the shards' axes): so must their zeros, or
+            # lax.scan and lax.cond see two types of state.
+            stamp = jnp.where(jnp.all(param == param), stamp, stamp)
+        return StampedRows(u_stored, stamp)
     # Stamps that follow the layout of the parameter's axis 0: derived from a
     # reduction of the parameter (explicit sharding carries over), and under jit
     # tied to it by a select, as in _storage.zeros (zeros alone land on one device).

@@ -502,8 +502,13 @@ def test_transform_inside_shard_map_matches_full_array_update() -> None:
 
 @pytest.mark.parametrize(
     "wrap",
-    [lambda o: optax.MultiSteps(o, 2), lambda o: optax.apply_if_finite(o, 3)],
-    ids=["MultiSteps", "apply_if_finite"],
+    [
+        lambda o: optax.MultiSteps(o, 2),
+        lambda o: optax.apply_if_finite(o, 3),
+        # 8-bit catch_up keeps one stamp per group of rows that fills whole blocks.
+        lambda o: optax.apply_if_finite(ax.adamax(0.01, state_bits=8, lazy_rows="catch_up"), 3),
+    ],
+    ids=["MultiSteps", "apply_if_finite", "catch_up"],
 )
 def test_8bit_state_inside_shard_map_goes_through_lax_cond(wrap) -> None:
     # optax's wrappers run lax.cond over the state: its types must not change from init
