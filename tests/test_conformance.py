@@ -56,6 +56,7 @@ AXES: dict[str, tuple[Any, ...]] = {
         "masked",
         "partition",
         "schedule_free",
+        "offload",
     ),
     "dtype": ("float32", "bfloat16", "float16", "float64", "complex64"),
 }
@@ -462,6 +463,8 @@ def _optimizer(case: Case) -> optax.GradientTransformation:
         return optax.partition({"case": opt, "plain": ax.adamax(LR)}, LABELS)
     if case.wrapper == "schedule_free":
         return optax.contrib.schedule_free(opt, LR, b1=0.9)
+    if case.wrapper == "offload":
+        return ax.offload(opt)  # the state in host memory between steps
     return opt
 
 
@@ -653,7 +656,9 @@ def check(case: Case) -> None:
         # Updates in a narrow dtype are rounded once more, relative to their size;
         # schedule_free's updates are differences of parameter-sized values, rounded
         # relative to those.
-        rounding = UPDATE_ROUNDING.get(str(s["update_dtype"]), 0.0)
+        # (The core's direction has the parameters' dtype, whatever a float32 learning
+        # rate injected after it makes of the update.)
+        rounding = UPDATE_ROUNDING.get(case.dtype, 0.0)
         unit = bound.max()
         if case.wrapper == "schedule_free":
             unit = max(unit, np.abs(np.cumsum(s["ref"], axis=0)).max() / LR)
