@@ -269,7 +269,14 @@ def check_state_options(state_bits: Any, block_size: Any) -> int:
     ):
         raise TypeError(f"state_bits must be None or the int 8, got {state_bits!r}{hint}")
     if state_bits is not None and state_bits != 8:
-        raise ValueError(f"state_bits must be None or 8, got {state_bits!r}")
+        why = (
+            " (no 4-bit layout measured trains within 3% of float32 state: see the "
+            '"Why not 4 bits" section of the memory how-to; ax.offload keeps the state '
+            "off the device instead)"
+            if state_bits == 4
+            else ""
+        )
+        raise ValueError(f"state_bits must be None or 8, got {state_bits!r}{why}")
     if block_size is None:
         return codes8.DEFAULT_BLOCK_SIZE
     if isinstance(block_size, int | np.integer) and not isinstance(block_size, bool):
