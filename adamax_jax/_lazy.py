@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.core import Tracer
 
+from adamax_jax import _leaves
 from adamax_jax._storage import codes8
 
 LazyRows = bool | Literal["freeze", "catch_up"]
@@ -113,13 +114,10 @@ def zeros(param: Any, u_stored: Any) -> StampedRows:
     shape = tuple(np.shape(param))
     n = -(-shape[0] // group_rows(shape, u_stored)) if shape else 0
     if not shape or n != shape[0] or not isinstance(param, jax.Array | Tracer):
-        stamp = jnp.zeros([n] if shape else [], jnp.int32)
-        if isinstance(param, Tracer):
-            # The stamps follow the gradients from the first update on (inside
-            # shard_map they vary over the shards' axes): so must their zeros, or
-            # lax.scan and lax.cond see two types of state.
-            stamp = jnp.where(jnp.all(param == param), stamp, stamp)
-        return StampedRows(u_stored, stamp)
+        # The stamps follow the gradients from the first update on: so must their zeros.
+        return StampedRows(
+            u_stored, _leaves.tied_to(jnp.zeros([n] if shape else [], jnp.int32), param)
+        )
     # Stamps that follow the layout of the parameter's axis 0: derived from a
     # reduction of the parameter (explicit sharding carries over), and under jit
     # tied to it by a select, as in _storage.zeros (zeros alone land on one device).

@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 
 
 def dtype_of(leaf: Any) -> jnp.dtype:
@@ -32,3 +33,19 @@ def shape_of(leaf: Any) -> tuple[int, ...]:
 def path_str(path: tuple[Any, ...]) -> str:
     """A leaf's path as in error messages: ``['dense']['w']``, or ``<root>`` for a bare leaf."""
     return jax.tree_util.keystr(path) or "<root>"
+
+
+def tied_to(value: jax.Array, param: Any) -> jax.Array:
+    """``value`` (a zero state) made to read ``param`` when it is traced, at no cost.
+
+    Zeros that never read the parameter lose its sharding under ``jit`` (XLA puts them
+    on one device), and inside ``shard_map`` they are invariant over the mesh axes
+    while the updated state varies over them (``lax.scan`` and ``lax.cond`` then see
+    two types of state). A select whose predicate reads the parameter, elementwise
+    for a value of its shape and through a reduction otherwise, with the same value in
+    both branches, ties them together and compiles to nothing.
+    """
+    if not isinstance(param, Tracer):
+        return value
+    same = param == param
+    return jnp.where(same if value.shape == param.shape else jnp.all(same), value, value)

@@ -25,8 +25,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.core import Tracer
 
+from adamax_jax import _leaves
 from adamax_jax._storage import codes8, floats
 
 
@@ -66,17 +66,12 @@ def zeros(
     else:
         # zeros_like (not zeros(shape)) lets a concrete parameter's sharding carry over.
         z = jnp.zeros_like(param, dtype=dtype)
-    if isinstance(param, Tracer):
-        # Under jit, zeros that never read the parameter lose its sharding (XLA puts
-        # them on one device). A select whose predicate reads the parameter, with the
-        # same value in both branches, ties the layouts together at no cost per step.
-        same = param == param
-        z = jax.tree.map(lambda a: jnp.where(same, a, a) if a.shape == param.shape else a, z)
-        if isinstance(z, codes8.QuantizedU):
-            # The block scales follow the gradients from the first update on: inside
-            # shard_map they vary over the shards' axes. Their zeros must too, or
-            # lax.cond (optax.MultiSteps, apply_if_finite) sees two types of state.
-            z = dataclasses.replace(z, scales=jnp.where(jnp.all(same), z.scales, z.scales))
+    # The parameter-shaped zeros, and the block scales (which follow the gradients from
+    # the first update on), read the parameter; m's bound R_t stays as it is.
+    shape = _leaves.shape_of(param)
+    z = jax.tree.map(lambda a: _leaves.tied_to(a, param) if a.shape == shape else a, z)
+    if isinstance(z, codes8.QuantizedU):
+        z = dataclasses.replace(z, scales=_leaves.tied_to(z.scales, param))
     return z
 
 
