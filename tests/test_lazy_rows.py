@@ -343,7 +343,7 @@ def test_catch_up_8bit_keeps_the_skipped_decay_of_an_element_skipped_as_nonfinit
         return float(upd[0, 3])
 
     exact, coded = run(), run(state_bits=8)
-    np.testing.assert_allclose(coded, exact, rtol=0.02)  # was 0.1 of it (u not decayed)
+    np.testing.assert_allclose(coded, exact, rtol=0.02)  # was 55% of it (u not decayed)
 
 
 def test_tree_map_params_finds_the_stamps_beside_the_moments():
