@@ -153,18 +153,20 @@ class _Layout:
         return out
 
 
-def holds_packed(tree: Any) -> bool:
-    """Whether ``tree`` holds a :class:`PackedTree` node (a packed state or parameters)."""
+def _packed_nodes(tree: Any) -> list[PackedTree]:
+    """The :class:`PackedTree` nodes in ``tree`` (a packed state or parameters)."""
     nodes = jax.tree.leaves(tree, is_leaf=lambda n: isinstance(n, PackedTree))
-    return any(isinstance(n, PackedTree) for n in nodes)
+    return [n for n in nodes if isinstance(n, PackedTree)]
+
+
+def holds_packed(tree: Any) -> bool:
+    """Whether ``tree`` holds a :class:`PackedTree` node."""
+    return bool(_packed_nodes(tree))
 
 
 def packs_leaves(tree: Any) -> bool:
     """Whether ``tree`` holds a :class:`PackedTree` with leaves packed into a buffer."""
-    nodes = jax.tree.leaves(tree, is_leaf=lambda n: isinstance(n, PackedTree))
-    return any(
-        isinstance(n, PackedTree) and any(g is not None for g in n.leaf_groups) for n in nodes
-    )
+    return any(g is not None for n in _packed_nodes(tree) for g in n.leaf_groups)
 
 
 def _size(shape: tuple[int, ...]) -> int:
@@ -223,8 +225,7 @@ def _recorded_groups(state: Any, n_leaves: int) -> tuple[str | None, ...] | None
     A stateless transform (``optax.scale``) keeps no packed tree, and then any
     layout that packs gradients and parameters alike will do.
     """
-    nodes = jax.tree.leaves(state, is_leaf=lambda n: isinstance(n, PackedTree))
-    records = {n.leaf_groups for n in nodes if isinstance(n, PackedTree)}
+    records = {n.leaf_groups for n in _packed_nodes(state)}
     if not records:
         return None
     if len(records) > 1:

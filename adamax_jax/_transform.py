@@ -277,8 +277,9 @@ def scale_by_adamax(
                 "as plain dicts and lists: restore it onto jax.eval_shape(opt.init, params)"
             )
         _validation.check_float_leaves(updates, "gradient")
-        if _packed.holds_packed(state.m) != _packed.holds_packed(updates):
-            made, now = ("", "not ") if _packed.holds_packed(state.m) else ("not ", "")
+        packed_state = _packed.holds_packed(state.m)
+        if packed_state != _packed.holds_packed(updates):
+            made, now = ("", "not ") if packed_state else ("not ", "")
             raise ValueError(
                 f"the state was {made}made by packed()'s init (packed moments are "
                 f"PackedTree buffers), but the gradients are {now}packed: update the "
