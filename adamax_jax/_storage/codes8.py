@@ -540,10 +540,10 @@ def write(
     codes_u = encode_u_code(ub * inv[:, None])
     # The u that m's code is taken against (below): the u this step computed, or the
     # smallest nonzero code where u lies below the code's range and was rounded up to
-    # it. Against the u itself, m would be read back scaled up with u (as far as
-    # 4x measured), and new gradients would be outweighed by that inflated m for
-    # several steps; against the code, m is read back as it is and only the step
-    # shrinks, by u / code.
+    # it. Against the u itself, m would be read back scaled up with u (by u's
+    # rounding factor, 30x in a test), and new gradients would be outweighed by that
+    # inflated m for as many steps; against the code, m is read back as it is and only
+    # the step shrinks, by u / code.
     u_ref = jnp.maximum(ub, _LINEAR_UNIT * scales[:, None])
     if tb is not None:
         # Untouched elements keep their u code, which now decays with the block's
